@@ -1,0 +1,161 @@
+"""The batched sampler: penalties, bias, temperature, top-k/top-p/min-p, then a draw.
+
+Rows have their own parameters and their own random generator when they carry a seed,
+so a seeded request draws the same noise whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.generation import logits_processors as lp
+from tokenmill.generation.sampling_params import SamplingParams
+
+
+@dataclass
+class SampleResult:
+    tokens: list[int]
+    #: per row: (sampled token logprob, [(token, logprob), ...] top-k) or None
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+
+
+class SamplingBatch:
+    """Sampling state for the rows of one batch; rows can be dropped as they finish."""
+
+    def __init__(
+        self,
+        params: list[SamplingParams],
+        prompts: list[list[int]],
+        vocab_size: int,
+        eos_ids: list[int],
+        device: torch.device,
+        generators: list[torch.Generator | None],
+    ) -> None:
+        self.params = params
+        self.V = vocab_size
+        self.device = device
+        self.generators = generators
+        self.eos_ids = eos_ids
+        R = len(params)
+        f32 = dict(dtype=torch.float32, device=device)
+        self.greedy = torch.tensor([p.greedy for p in params], dtype=torch.bool, device=device)
+        self.all_greedy = all(p.greedy for p in params)
+        self.temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], **f32)
+        self.use_top_k = any(0 < p.top_k < vocab_size for p in params)
+        self.top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], device=device)
+        self.use_top_p = any(p.top_p < 1.0 for p in params)
+        self.top_p = torch.tensor([p.top_p for p in params], **f32)
+        self.use_min_p = any(p.min_p > 0.0 for p in params)
+        self.min_p = torch.tensor([p.min_p for p in params], **f32)
+        self.use_rep = any(p.repetition_penalty != 1.0 for p in params)
+        self.rep = torch.tensor([p.repetition_penalty for p in params], **f32)
+        self.use_pf = any(p.presence_penalty or p.frequency_penalty for p in params)
+        self.presence = torch.tensor([p.presence_penalty for p in params], **f32)
+        self.frequency = torch.tensor([p.frequency_penalty for p in params], **f32)
+        self.seen = None
+        if self.use_rep:
+            self.seen = torch.zeros(R, vocab_size, dtype=torch.bool, device=device)
+            for r, ids in enumerate(prompts):
+                self.seen[r, torch.tensor(ids, dtype=torch.long, device=device)] = True
+        self.counts = torch.zeros(R, vocab_size, **f32) if self.use_pf else None
+        self.bias = None
+        if any(p.logit_bias for p in params):
+            self.bias = torch.zeros(R, vocab_size, **f32)
+            for r, p in enumerate(params):
+                for tok, val in (p.logit_bias or {}).items():
+                    self.bias[r, tok] += val
+        self.max_logprobs = max((p.logprobs or 0) for p in params)
+        self.want_logprobs = any(p.logprobs is not None for p in params)
+
+    def select_rows(self, rows: list[int]) -> None:
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.params = [self.params[r] for r in rows]
+        self.generators = [self.generators[r] for r in rows]
+        for name in ("greedy", "temperature", "top_k", "top_p", "min_p", "rep", "presence", "frequency"):
+            setattr(self, name, getattr(self, name).index_select(0, idx))
+        for name in ("seen", "counts", "bias"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, idx))
+
+    def record(self, tokens: torch.Tensor) -> None:
+        """Note the tokens just sampled (R,) for the penalties."""
+        rows = torch.arange(tokens.shape[0], device=self.device)
+        if self.seen is not None:
+            self.seen[rows, tokens] = True
+        if self.counts is not None:
+            self.counts[rows, tokens] += 1
+
+    def process(self, logits: torch.Tensor, num_generated: list[int]) -> torch.Tensor:
+        """Apply every logits processor; returns new float32 logits (R, V)."""
+        logits = logits.float()
+        if self.bias is not None:
+            logits = logits + self.bias
+        suppress = [
+            (r, tok)
+            for r, p in enumerate(self.params)
+            if num_generated[r] < p.min_tokens
+            for tok in (([] if p.ignore_eos else self.eos_ids) + list(p.stop_token_ids or []))
+        ]
+        if suppress:
+            rows, toks = zip(*suppress)
+            logits = logits.clone() if self.bias is None else logits
+            logits[list(rows), list(toks)] = lp.NEG_INF
+        if self.use_rep:
+            logits = lp.apply_repetition_penalty(logits, self.seen, self.rep)
+        if self.use_pf:
+            logits = lp.apply_presence_frequency(logits, self.counts, self.presence, self.frequency)
+        return logits
+
+    def sample(self, raw_logits: torch.Tensor, num_generated: list[int]) -> SampleResult:
+        logits = self.process(raw_logits, num_generated)
+        greedy_tokens = logits.argmax(dim=-1)
+        if self.all_greedy:
+            tokens = greedy_tokens
+        else:
+            x = lp.apply_temperature(logits, self.temperature)
+            if self.use_top_k or self.use_top_p:
+                x = lp.apply_top_k_top_p(x, self.top_k if self.use_top_k else None, self.top_p if self.use_top_p else None)
+            if self.use_min_p:
+                x = lp.apply_min_p(x, self.min_p)
+            probs = x.softmax(dim=-1)
+            sampled = (probs / self._exponential(probs)).argmax(dim=-1)
+            tokens = torch.where(self.greedy, greedy_tokens, sampled)
+        self.record(tokens)
+        token_list = tokens.tolist()
+        return SampleResult(token_list, self._logprobs(raw_logits, tokens, token_list))
+
+    def _exponential(self, probs: torch.Tensor) -> torch.Tensor:
+        """Exp(1) noise; argmax(p / q) is a draw from p (the Gumbel-max trick, no host sync)."""
+        q = torch.empty_like(probs)
+        unseeded = [r for r, g in enumerate(self.generators) if g is None]
+        if len(unseeded) == len(self.generators):
+            return q.exponential_()
+        for r, g in enumerate(self.generators):
+            if g is not None:
+                q[r].exponential_(generator=g)
+        if unseeded:
+            q[unseeded] = torch.empty(len(unseeded), q.shape[1], device=q.device).exponential_()
+        return q
+
+    def _logprobs(self, raw_logits: torch.Tensor, tokens: torch.Tensor, token_list: list[int]):
+        if not self.want_logprobs:
+            return [None] * len(token_list)
+        # Log-probabilities of the model's own distribution, before any processing.
+        logp = raw_logits.float().log_softmax(dim=-1)
+        chosen = logp.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+        top_vals, top_ids = (None, None)
+        if self.max_logprobs:
+            top_vals, top_ids = logp.topk(self.max_logprobs, dim=-1)
+            top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+        out = []
+        for r, p in enumerate(self.params):
+            if p.logprobs is None:
+                out.append(None)
+                continue
+            k = p.logprobs
+            top = list(zip(top_ids[r][:k], top_vals[r][:k])) if k else []
+            out.append((chosen[r], top))
+        return out

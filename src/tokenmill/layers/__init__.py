@@ -1,0 +1,1 @@
+"""Torch building blocks that keep Hugging Face parameter names."""

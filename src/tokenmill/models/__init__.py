@@ -1,0 +1,1 @@
+"""Native PyTorch model architectures, one family per module."""

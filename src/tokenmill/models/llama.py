@@ -1,0 +1,271 @@
+"""The Llama family: Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2.
+
+Variants differ only in config: Qwen2 adds q/k/v biases, Qwen3 adds a per-head RMSNorm
+of q and k, Mistral may use a sliding window, Llama 3 scales its rope frequencies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenmill.layers.activations import get_activation
+from tokenmill.layers.norms import RMSNorm
+from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary
+from tokenmill.models.config import DecoderConfig, eos_list, gguf_get, hf_rope
+
+LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer: int, norm_offset: float = 0.0) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        # q, k and v run as one matmul; the loader fills the three shards from q_proj/k_proj/v_proj.
+        self.qkv_proj = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.attention_bias)
+        self.qkv_proj.shard_sizes = [q_size, kv_size, kv_size]
+        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.split = [q_size, kv_size, kv_size]
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, offset=norm_offset)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, offset=norm_offset)
+        self.qk_norm = cfg.qk_norm
+        scalar = cfg.query_pre_attn_scalar if cfg.query_pre_attn_scalar else cfg.head_dim
+        self.scale = scalar**-0.5
+        self.window = cfg.window_of(layer)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: Any) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(B, T, self.num_heads, self.head_dim)  # (B, T, H, D)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = ctx.attend(self.layer, q, k, v, self.scale, self.window)  # (B, T, H * D)
+        return self.o_proj(out)
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.gate_up_proj.shard_sizes = [cfg.intermediate_size, cfg.intermediate_size]
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.act = get_activation(cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = LlamaAttention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = GatedMLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: Any) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBackbone(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, i) for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+
+class CausalLM(nn.Module):
+    """Shared top of every decoder-only family: embeddings in, logits out.
+
+    ``forward`` takes the attention context built by the engine; ``select`` says which
+    positions need logits (``"last"``, flat indices into B*T, or None for all) so the LM
+    head, the largest matmul at small batch, runs only where it is needed.
+    """
+
+    #: checkpoint sub-name -> (fused parameter sub-name, shard index)
+    packed_modules: dict[str, tuple[str, int]] = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = self.build_backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = self.build_rotary(cfg)
+
+    def build_backbone(self, cfg: DecoderConfig) -> nn.Module:
+        return LlamaBackbone(cfg)
+
+    def build_rotary(self, cfg: DecoderConfig) -> nn.Module:
+        return RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def run_layers(self, x: torch.Tensor, positions: torch.Tensor, ctx: Any) -> torch.Tensor:
+        cos, sin = self.rotary(positions, x.dtype, ctx.max_position)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, ctx)
+        return x
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        ctx: Any,
+        select: str | torch.Tensor | None = "last",
+    ) -> torch.Tensor:
+        """input_ids, positions: (B, T). Returns logits (B, V) for "last", (N, V) for indices,
+        or (B, T, V) for None."""
+        x = self.run_layers(self.embed(input_ids), positions, ctx)  # (B, T, C)
+        if isinstance(select, str):
+            x = x[:, -1]  # (B, C)
+        elif select is not None:
+            x = x.reshape(-1, x.shape[-1]).index_select(0, select)  # (N, C)
+        logits = self.lm_head(self.model.norm(x))
+        if self.config.final_logit_softcapping:
+            cap = self.config.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+class LlamaForCausalLM(CausalLM):
+    pass
+
+
+def llama_config_from_hf(hf: dict[str, Any]) -> DecoderConfig:
+    model_type = hf.get("model_type", "llama")
+    heads = int(hf["num_attention_heads"])
+    hidden = int(hf["hidden_size"])
+    theta, scaling = hf_rope(hf)
+    sliding = hf.get("sliding_window") if model_type == "mistral" else None
+    if model_type in ("qwen2",) and hf.get("use_sliding_window"):
+        sliding = hf.get("sliding_window")
+    return DecoderConfig(
+        architecture=model_type,
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(hf["intermediate_size"]),
+        num_layers=int(hf["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=int(hf.get("head_dim") or hidden // heads),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        hidden_act=hf.get("hidden_act", "silu"),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        # diff vs Llama: Qwen2 always has q/k/v biases; Llama has them only when asked.
+        attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+        o_bias=model_type != "qwen2" and bool(hf.get("attention_bias", False)),
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        # diff vs Llama: Qwen3 normalises each head of q and k.
+        qk_norm=model_type == "qwen3",
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        sliding_window=int(sliding) if sliding else None,
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=eos_list(hf.get("eos_token_id")),
+        pad_token_id=hf.get("pad_token_id"),
+    )
+
+
+def llama_config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> DecoderConfig:
+    arch = meta["general.architecture"]
+    heads = int(gguf_get(meta, arch, "attention.head_count", required=True))
+    hidden = int(gguf_get(meta, arch, "embedding_length", required=True))
+    vocab = gguf_get(meta, arch, "vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
+    head_dim = gguf_get(meta, arch, "attention.key_length") or gguf_get(meta, arch, "rope.dimension_count")
+    scaling = None
+    rope_type = gguf_get(meta, arch, "rope.scaling.type")
+    if rope_type == "linear":
+        scaling = {"rope_type": "linear", "factor": float(gguf_get(meta, arch, "rope.scaling.factor"))}
+    elif rope_type == "yarn":
+        scaling = {
+            "rope_type": "yarn",
+            "factor": float(gguf_get(meta, arch, "rope.scaling.factor")),
+            "original_max_position_embeddings": int(
+                gguf_get(meta, arch, "rope.scaling.original_context_length", required=True)
+            ),
+        }
+    kind = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}.get(arch, arch)
+    sliding = gguf_get(meta, arch, "attention.sliding_window")
+    return DecoderConfig(
+        architecture=kind,
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(gguf_get(meta, arch, "feed_forward_length", required=True)),
+        num_layers=int(gguf_get(meta, arch, "block_count", required=True)),
+        num_heads=heads,
+        num_kv_heads=int(gguf_get(meta, arch, "attention.head_count_kv") or heads),
+        head_dim=int(head_dim or hidden // heads),
+        max_position_embeddings=int(gguf_get(meta, arch, "context_length", 2048)),
+        norm_eps=float(gguf_get(meta, arch, "attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(gguf_get(meta, arch, "rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        o_bias="blk.0.attn_output.bias" in tensor_names,
+        qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
+        tie_word_embeddings="output.weight" not in tensor_names,
+        sliding_window=int(sliding) if sliding else None,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=eos_list(meta.get("tokenizer.ggml.eos_token_id")),
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+    )
+
+
+def _unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's interleaving of q/k rows so rotate-half rope applies again."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def llama_gguf_tensor_transform(cfg: DecoderConfig, arch: str):
+    """Per-tensor fix-ups for GGUF files of this family (HF names)."""
+
+    def transform(name: str, t: torch.Tensor) -> torch.Tensor:
+        # Only the "llama" GGUF architecture stores q/k permuted; Qwen uses the NeoX layout.
+        if arch == "llama":
+            if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):
+                return _unpermute_qk(t, cfg.num_heads)
+            if name.endswith("self_attn.k_proj.weight") or name.endswith("self_attn.k_proj.bias"):
+                return _unpermute_qk(t, cfg.num_kv_heads)
+        return t
+
+    return transform
+
+
+#: GGUF tensor name pieces -> HF name pieces, for the llama-style families.
+GGUF_NAMES: dict[str, str] = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}

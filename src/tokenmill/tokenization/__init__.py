@@ -1,0 +1,1 @@
+"""Tokenizers over the `tokenizers` library, GGUF vocabularies, chat templates, detokenization."""

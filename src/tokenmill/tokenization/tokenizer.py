@@ -1,0 +1,142 @@
+"""The tokenizer every part of tokenmill uses: a thin layer over ``tokenizers.Tokenizer``.
+
+Special tokens that a model adds to every prompt (BOS) live in the backend's
+post-processor, so ``encode(text)`` gives the ids the model was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from tokenmill.weights.errors import ModelLoadError
+
+
+class Tokenizer:
+    """Encode, decode and chat-format text for one model."""
+
+    def __init__(
+        self,
+        backend: Any,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+        chat_template: str | None = None,
+        extra_eos_tokens: list[str] | None = None,
+    ) -> None:
+        self.backend = backend  # tokenizers.Tokenizer
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.pad_token = pad_token
+        self.chat_template = chat_template
+        self.bos_token_id = self.token_to_id(bos_token)
+        self.eos_token_id = self.token_to_id(eos_token)
+        self.pad_token_id = self.token_to_id(pad_token)
+        ids = [self.eos_token_id] + [self.token_to_id(t) for t in extra_eos_tokens or []]
+        self.eos_token_ids = [i for i in dict.fromkeys(ids) if i is not None]
+        self._special_ids = {
+            self.backend.token_to_id(t.content)
+            for t in self.backend.get_added_tokens_decoder().values()
+            if t.special
+        }
+
+    # -- basics ---------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; ``add_special_tokens`` adds BOS/EOS where the model expects them."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str | None]:
+        return [self.backend.id_to_token(i) for i in ids]
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
+
+    # -- chat -----------------------------------------------------------------------
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+        **kwargs: Any,
+    ) -> str | list[int]:
+        """Format ``messages`` with the model's chat template (sandboxed Jinja)."""
+        from tokenmill.tokenization.chat_template import render_chat
+
+        if self.chat_template is None:
+            raise ValueError(
+                "this model has no chat template, so chat() cannot format messages; "
+                "use generate() with a plain prompt, or pass chat_template= to chat()"
+            )
+        text = render_chat(
+            kwargs.pop("chat_template", None) or self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+            **kwargs,
+        )
+        if not tokenize:
+            return text
+        # The template already wrote BOS where the model wants it.
+        return self.encode(text, add_special_tokens=False)
+
+    # -- construction ---------------------------------------------------------------
+    @classmethod
+    def from_dir(cls, model_dir: str) -> Tokenizer:
+        """Load tokenizer.json and tokenizer_config.json from a Hugging Face model directory."""
+        from tokenizers import Tokenizer as Backend
+
+        path = os.path.join(model_dir, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise ModelLoadError(
+                f"no tokenizer.json in {model_dir}; tokenmill needs the fast-tokenizer file "
+                "(save it with transformers' tokenizer.save_pretrained())"
+            )
+        try:
+            backend = Backend.from_file(path)
+        except Exception as e:
+            raise ModelLoadError(f"{path} is not a readable tokenizer file: {e}") from e
+        config: dict[str, Any] = {}
+        cfg_path = os.path.join(model_dir, "tokenizer_config.json")
+        if os.path.isfile(cfg_path):
+            try:
+                with open(cfg_path, encoding="utf-8") as f:
+                    config = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ModelLoadError(f"{cfg_path} is not valid JSON: {e}") from e
+        template = config.get("chat_template")
+        jinja_path = os.path.join(model_dir, "chat_template.jinja")
+        if template is None and os.path.isfile(jinja_path):
+            with open(jinja_path, encoding="utf-8") as f:
+                template = f.read()
+        if isinstance(template, list):  # named templates: take the default one
+            named = {t["name"]: t["template"] for t in template}
+            template = named.get("default") or next(iter(named.values()), None)
+
+        def token(key: str) -> str | None:
+            value = config.get(key)
+            if isinstance(value, dict):
+                value = value.get("content")
+            return value
+
+        return cls(
+            backend,
+            bos_token=token("bos_token"),
+            eos_token=token("eos_token"),
+            pad_token=token("pad_token"),
+            chat_template=template,
+        )

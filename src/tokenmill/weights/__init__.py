@@ -1,0 +1,1 @@
+"""Every byte of file and Hub I/O: model resolution, safetensors, GGUF, strict loading."""

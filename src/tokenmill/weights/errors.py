@@ -1,0 +1,5 @@
+"""Errors raised while finding or reading model files."""
+
+
+class ModelLoadError(ValueError):
+    """A model could not be found or read; the message names the file or tensor and what to do."""

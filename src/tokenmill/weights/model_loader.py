@@ -1,0 +1,192 @@
+"""Turn a model name into a ready model: resolve the source, read the config, build, load."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenmill.models.config import DecoderConfig
+from tokenmill.models.registry import family_for
+from tokenmill.tokenization.tokenizer import Tokenizer
+from tokenmill.utils.devices import resolve_device, resolve_dtype
+from tokenmill.weights.errors import ModelLoadError
+from tokenmill.weights.loader import LoadReport, load_weights
+from tokenmill.weights.packaged import DEFAULT_MODEL, PACKAGED, packaged_path
+
+_REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Tokenizer
+    config: DecoderConfig
+    #: sampling defaults from generation_config.json (HF names), empty when there is none
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    report: LoadReport | None = None
+
+
+def resolve_source(model: str | None, revision: str | None = None) -> str:
+    """A local directory or .gguf file for ``model`` (short name, path or Hub repo id)."""
+    name = model or DEFAULT_MODEL
+    if name in PACKAGED:
+        return packaged_path(name)
+    expanded = os.path.expanduser(name)
+    if os.path.isdir(expanded) or os.path.isfile(expanded):
+        return expanded
+    if expanded.endswith(".gguf") or os.sep in expanded.strip("/") and not _REPO_ID.match(name):
+        raise ModelLoadError(f"model path {name!r} does not exist")
+    if _REPO_ID.match(name):
+        from tokenmill.weights.hub import snapshot
+
+        return snapshot(name, revision)
+    raise ModelLoadError(
+        f"unknown model {name!r}: give a short name ({', '.join(PACKAGED)}), "
+        "a model directory, a .gguf file or a Hugging Face repo id like 'org/name'"
+    )
+
+
+@contextlib.contextmanager
+def _skip_init() -> Iterator[None]:
+    """Build modules without random initialisation: every weight is overwritten by the loader."""
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = lambda self: None  # type: ignore[method-assign]
+    nn.Embedding.reset_parameters = lambda self: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved  # type: ignore[method-assign]
+
+
+def _build(family: Any, cfg: DecoderConfig, dtype: torch.dtype) -> nn.Module:
+    with _skip_init():
+        model = family.build(cfg)
+    return model.to(dtype)
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path} is not valid JSON: {e}") from e
+
+
+def load_from_dir(model_dir: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    from tokenmill.weights.safetensors_dir import iter_safetensors
+
+    cfg_path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(cfg_path):
+        ggufs = sorted(f for f in os.listdir(model_dir) if f.endswith(".gguf"))
+        if len(ggufs) == 1:
+            return load_from_gguf(os.path.join(model_dir, ggufs[0]), dtype, device)
+        hint = f"; it holds several GGUF files, name one: {', '.join(ggufs)}" if ggufs else ""
+        raise ModelLoadError(f"no config.json in {model_dir}{hint}")
+    hf = _read_json(cfg_path)
+    model_type = hf.get("model_type")
+    if model_type is None:
+        raise ModelLoadError(f"{cfg_path} has no model_type")
+    family = family_for(model_type, cfg_path)
+    cfg = family.from_hf(hf)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    gen_defaults: dict[str, Any] = {}
+    gen_path = os.path.join(model_dir, "generation_config.json")
+    if os.path.isfile(gen_path):
+        gen_defaults = _read_json(gen_path)
+    _merge_eos(cfg, tokenizer, gen_defaults)
+    model = _build(family, cfg, dtype)
+    report = load_weights(
+        model,
+        iter_safetensors(model_dir),
+        source=model_dir,
+        # Some checkpoints carry precomputed rotary tables; tokenmill computes its own.
+        ignore=lambda n: n.endswith("rotary_emb.inv_freq") or n.endswith(".attn.bias") or n.endswith(".attn.masked_bias"),
+    )
+    return LoadedModel(model.to(device).eval(), tokenizer, cfg, gen_defaults, model_dir, report)
+
+
+def _gguf_to_hf_name(name: str, names: dict[str, str], block_prefix: str) -> str:
+    parts = name.split(".")
+    if parts[0] == "blk" and len(parts) >= 4:
+        piece = ".".join(parts[2:-1])
+        if piece in names:
+            return f"{block_prefix}.{parts[1]}.{names[piece]}.{parts[-1]}"
+    else:
+        piece = ".".join(parts[:-1])
+        if piece in names:
+            return f"{names[piece]}.{parts[-1]}"
+    return name  # unknown names stay as they are and the strict loader reports them
+
+
+def load_from_gguf(path: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    from tokenmill.tokenization.gguf_tokenizer import tokenizer_from_gguf
+    from tokenmill.weights.gguf_file import GGUFFile
+
+    gguf = GGUFFile(path)
+    arch = gguf.metadata.get("general.architecture")
+    if arch is None:
+        raise ModelLoadError(f"{path}: GGUF metadata has no general.architecture")
+    family = family_for(arch, path)
+    if family.from_gguf is None or family.gguf_names is None:
+        raise ModelLoadError(f"{path}: loading {arch!r} from GGUF is not supported")
+    cfg = family.from_gguf(gguf.metadata, gguf.tensor_names)
+    tensors = gguf.tensors(skip=frozenset({"rope_freqs.weight"}))
+    if "rope_freqs.weight" in gguf.tensor_names:
+        factors = gguf.tensor("rope_freqs.weight")
+        cfg.rope_scaling = {"rope_type": "freq_factors", "factors": factors.tolist()}
+    tokenizer = tokenizer_from_gguf(gguf.metadata)
+    _merge_eos(cfg, tokenizer, {})
+    model = _build(family, cfg, dtype)
+    block_prefix = "transformer.h" if arch == "gpt2" else "model.layers"
+    names = family.gguf_names
+    renamed = ((_gguf_to_hf_name(n, names, block_prefix), t) for n, t in tensors)
+    transform = family.gguf_transform(cfg, arch) if family.gguf_transform else None
+    report = load_weights(model, renamed, source=path, transform=transform)
+    return LoadedModel(model.to(device).eval(), tokenizer, cfg, {}, path, report)
+
+
+def _merge_eos(cfg: DecoderConfig, tokenizer: Tokenizer, gen: dict[str, Any]) -> None:
+    """Every id that ends generation: config, generation_config and tokenizer all count."""
+    ids = list(cfg.eos_token_ids)
+    gen_eos = gen.get("eos_token_id")
+    ids += gen_eos if isinstance(gen_eos, list) else ([gen_eos] if gen_eos is not None else [])
+    ids += tokenizer.eos_token_ids
+    cfg.eos_token_ids = [int(i) for i in dict.fromkeys(ids)]
+
+
+def load_model(
+    model: str | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    revision: str | None = None,
+) -> LoadedModel:
+    """Load a model by short name, directory, .gguf file or Hub repo id.
+
+    Args:
+        model: None for the embedded default model.
+        dtype: "float32", "bfloat16" (default) or "float16".
+        device: "cpu", "cuda" or None for the best available.
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    source = resolve_source(model, revision)
+    if os.path.isdir(source):
+        return load_from_dir(source, dt, dev)
+    if source.endswith(".gguf") or _is_gguf(source):
+        return load_from_gguf(source, dt, dev)
+    raise ModelLoadError(f"{source} is neither a model directory nor a GGUF file")
+
+
+def _is_gguf(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
