@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from tokenmill.tokenization.tokenizer import Tokenizer
 from tokenmill.weights.errors import ModelLoadError
@@ -25,7 +25,7 @@ from tokenmill.weights.errors import ModelLoadError
 logger = logging.getLogger(__name__)
 
 # llama.cpp's token types (gguf.TokenType)
-_NORMAL, _CONTROL, _USER_DEFINED, _BYTE = 1, 3, 4, 6
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4
 
 SUPPORTED_MODELS = ("gpt2", "llama")
 
@@ -41,19 +41,24 @@ _QWEN2_SPLIT = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# tokenizer.ggml.pre -> (split regex, digits split one by one first, ignore_merges)
-# ignore_merges: a word that is itself in the vocabulary is one token (Llama 3 does this, llama.cpp too).
-_PRE_TOKENIZERS: dict[str, tuple[str, bool, bool]] = {
-    "default": (_GPT2_SPLIT, False, False),
-    "gpt-2": (_GPT2_SPLIT, False, False),
-    "gpt2": (_GPT2_SPLIT, False, False),
-    "smollm": (_GPT2_SPLIT, True, False),
-    "starcoder": (_GPT2_SPLIT, True, False),
-    "llama3": (_LLAMA3_SPLIT, False, True),
-    "llama-v3": (_LLAMA3_SPLIT, False, True),
-    "llama-bpe": (_LLAMA3_SPLIT, False, True),
-    "qwen2": (_QWEN2_SPLIT, False, False),
-    "deepseek-r1-qwen": (_QWEN2_SPLIT, False, False),
+
+class _Pre(NamedTuple):
+    split: str
+    digits_first: bool = False  # every digit its own word before the regex runs (StarCoder, SmolLM)
+    llama3: bool = False  # a word that is a vocabulary token stays whole (ignore_merges); BOS by default
+
+
+_PRE_TOKENIZERS: dict[str, _Pre] = {
+    "default": _Pre(_GPT2_SPLIT),
+    "gpt-2": _Pre(_GPT2_SPLIT),
+    "gpt2": _Pre(_GPT2_SPLIT),
+    "smollm": _Pre(_GPT2_SPLIT, digits_first=True),
+    "starcoder": _Pre(_GPT2_SPLIT, digits_first=True),
+    "llama3": _Pre(_LLAMA3_SPLIT, llama3=True),
+    "llama-v3": _Pre(_LLAMA3_SPLIT, llama3=True),
+    "llama-bpe": _Pre(_LLAMA3_SPLIT, llama3=True),
+    "qwen2": _Pre(_QWEN2_SPLIT),
+    "deepseek-r1-qwen": _Pre(_QWEN2_SPLIT),
 }
 
 # These files list their merges in vocabulary order, and their scores do not follow it: user-defined
@@ -91,27 +96,38 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> Tokenizer:
     if len(types) != n:
         raise ModelLoadError(f"GGUF metadata has {n} tokens but {len(types)} token types")
 
-    def special(key: str) -> str | None:
-        token_id = meta.get(f"tokenizer.ggml.{key}")
-        if token_id is None:
-            return None
-        if not 0 <= int(token_id) < n:
-            raise ModelLoadError(f"GGUF 'tokenizer.ggml.{key}' = {token_id} is outside the {n}-token vocabulary")
-        return tokens[int(token_id)]
+    def token_id(key: str) -> int | None:
+        value = meta.get(f"tokenizer.ggml.{key}")
+        if value is not None and not 0 <= int(value) < n:
+            raise ModelLoadError(f"GGUF 'tokenizer.ggml.{key}' = {value} is outside the {n}-token vocabulary")
+        return None if value is None else int(value)
 
-    bos, eos, unk, pad = special("bos_token_id"), special("eos_token_id"), special("unknown_token_id"), special("padding_token_id")
+    unk_id = token_id("unknown_token_id")
     if model == "gpt2":
-        backend, vocab_tokens, default_bos = _byte_level_bpe(meta, tokens, types)
+        backend, spelled, default_bos = _byte_level_bpe(meta, tokens, types)
     else:
-        backend, vocab_tokens, default_bos = _sentencepiece_bpe(meta, tokens, types, unk)
-    _add_special_tokens(backend, vocab_tokens, types)
+        unk = None if unk_id is None else tokens[unk_id]
+        backend, spelled, default_bos = _sentencepiece_bpe(meta, tokens, types, unk)
 
+    def token(key: str) -> str | None:
+        i = token_id(key)
+        return None if i is None else spelled[i]
+
+    bos, eos, pad = token("bos_token_id"), token("eos_token_id"), token("padding_token_id")
+    named = [t for t in (bos, eos, pad, None if unk_id is None else spelled[unk_id]) if t is not None]
+    _add_special_tokens(backend, tokens, spelled, types, named)
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", default_bos))
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
+    for flag, name, value in ((add_bos, "bos", bos), (add_eos, "eos", eos)):
+        if flag and value is None:
+            raise ModelLoadError(
+                f"GGUF metadata asks to add a {name.upper()} token (tokenizer.ggml.add_{name}_token) "
+                f"but has no tokenizer.ggml.{name}_token_id"
+            )
     backend.post_processor = _post_processor(backend, bos if add_bos else None, eos if add_eos else None)
 
-    extra = [special("eot_token_id"), special("eom_token_id")]
-    extra += [t for t, ty in zip(tokens, types) if ty == _CONTROL and t in _END_OF_TURN]
+    extra = [token("eot_token_id"), token("eom_token_id")]
+    extra += [t for t, ty in zip(spelled, types) if ty == _CONTROL and t in _END_OF_TURN]
     return Tokenizer(
         backend,
         bos_token=bos,
@@ -141,14 +157,16 @@ def _byte_level_bpe(meta: dict[str, Any], tokens: list[str], types: list[int]) -
             pre,
             ", ".join(sorted(_PRE_TOKENIZERS)),
         )
-    split, digits, ignore_merges = _PRE_TOKENIZERS.get(pre, _PRE_TOKENIZERS["default"])
+    split, digits_first, llama3 = _PRE_TOKENIZERS.get(pre, _PRE_TOKENIZERS["default"])
 
     # Every normal token is spelled in the byte alphabet; a few files store some raw, so respell those.
     # Control and user-defined tokens stay raw: they are matched against the raw text.
     alphabet = _bytes_to_unicode()
     letters = set(alphabet.values())
     vocab_tokens = [
-        t if ty in (_CONTROL, _USER_DEFINED) or set(t) <= letters else "".join(alphabet[b] for b in t.encode())
+        t
+        if ty in (_CONTROL, _USER_DEFINED) or set(t) <= letters
+        else "".join(alphabet[b] for b in t.encode())
         for t, ty in zip(tokens, types)
     ]
     merges = []
@@ -162,11 +180,11 @@ def _byte_level_bpe(meta: dict[str, Any], tokens: list[str], types: list[int]) -
         models.BPE(
             vocab=_vocab(vocab_tokens),
             merges=merges,
-            ignore_merges=ignore_merges,
+            ignore_merges=llama3,
             fuse_unk=False,
         )
     )
-    steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
+    steps = [pre_tokenizers.Digits(individual_digits=True)] if digits_first else []
     if split == _GPT2_SPLIT:
         steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
     else:
@@ -175,12 +193,16 @@ def _byte_level_bpe(meta: dict[str, Any], tokens: list[str], types: list[int]) -
     backend.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
     backend.decoder = decoders.ByteLevel()
     # llama.cpp adds BOS for Llama 3 vocabularies that do not say otherwise.
-    return backend, vocab_tokens, ignore_merges
+    return backend, vocab_tokens, llama3
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte alphabet: printable bytes stand for themselves, the rest map above U+0100."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     table = {b: chr(b) for b in printable}
     extra = 0
     for b in range(256):
@@ -194,8 +216,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 def _sentencepiece_bpe(
     meta: dict[str, Any], tokens: list[str], types: list[int], unk: str | None
 ) -> tuple[Any, list[str], bool]:
-    from tokenizers import decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers
 
     by_position = meta.get("general.architecture") in _POSITION_RANKED
     vocab_tokens = list(tokens)
@@ -239,13 +261,17 @@ def _merges_from_vocab(tokens: list[str], rank: Sequence[float]) -> list[tuple[s
     list ordered by that score does the same. Among cuts of one token the longer left piece comes first.
     """
     vocab = set(tokens)
-    found: list[tuple[float, int, int]] = []  # (-rank, -left length, token index)
+    found: list[tuple[float, int, int]] = []  # (-rank, -cut, token index): sorts best first
     for index, (token, r) in enumerate(zip(tokens, rank)):
         for cut in range(1, len(token)):
             if token[:cut] in vocab and token[cut:] in vocab:
                 found.append((-r, -cut, index))
     found.sort(key=lambda f: (f[0], f[1]))  # stable: equal keys keep vocabulary order
-    return [(tokens[i][: -neg_cut], tokens[i][-neg_cut:]) for _, neg_cut, i in found]
+    merges = []
+    for _, neg_cut, index in found:
+        token, cut = tokens[index], -neg_cut
+        merges.append((token[:cut], token[cut:]))
+    return merges
 
 
 # -- shared ---------------------------------------------------------------------------------------------
@@ -256,12 +282,35 @@ def _vocab(tokens: list[str]) -> dict[str, int]:
     return vocab
 
 
-def _add_special_tokens(backend: Any, vocab_tokens: list[str], types: list[int]) -> None:
-    """Control tokens become special added tokens, user-defined ones plain added tokens: never split."""
+def _add_special_tokens(
+    backend: Any, tokens: list[str], spelled: list[str], types: list[int], named: list[str]
+) -> None:
+    """Control tokens (and the unk/bos/eos/pad the file names) become special added tokens, user-defined
+    ones plain added tokens: either way the text is searched for them first and they are never split."""
     from tokenizers import AddedToken
 
-    control = [t for t, ty in zip(vocab_tokens, types) if ty == _CONTROL]
-    # A user-defined token respelled into the vocabulary alphabet ("  " -> "▁▁") is reached by merges.
-    user = [t for t, ty in zip(vocab_tokens, types) if ty == _USER_DEFINED and t.strip("\u2581")]
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    special = [t for t, ty in zip(spelled, types) if ty in (_CONTROL, _UNKNOWN)]
+    special = list(dict.fromkeys([*special, *named]))
+    # A user-defined token we respelled into the vocabulary's alphabet ("  " -> "▁▁") is reached by
+    # merges instead; as an added token it would match a literal "▁▁" in the text.
+    user = [v for t, v, ty in zip(tokens, spelled, types) if ty == _USER_DEFINED and v == t]
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+
+
+def _post_processor(backend: Any, bos: str | None, eos: str | None) -> Any:
+    """BOS/EOS around each sequence, so ``encode(text, add_special_tokens=True)`` adds them."""
+    from tokenizers import processors
+
+    if bos is None and eos is None:
+        return None
+
+    def around(seq: str, type_id: int) -> str:
+        parts = [f"{bos}:{type_id}"] if bos else []
+        parts.append(f"${seq}:{type_id}")
+        return " ".join([*parts, f"{eos}:{type_id}"] if eos else parts)
+
+    single = around("A", 0)
+    pair = f"{single} {around('B', 1)}"
+    specials = [(t, backend.token_to_id(t)) for t in dict.fromkeys(x for x in (bos, eos) if x)]
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)

@@ -1,9 +1,18 @@
-"""Reading GGUF files: metadata as plain Python values, tensors dequantized by the `gguf` package."""
+"""Reading GGUF files.
+
+The header (metadata and tensor directory) is parsed here directly: the format is
+small, and a direct parse is more than 10x faster than a general reader on the
+262k-entry vocabularies that modern models carry. Tensor data is memory-mapped and
+dequantized by the `gguf` package, the reference for every quantization type.
+"""
 
 from __future__ import annotations
 
+import mmap
 import os
+import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -11,72 +20,162 @@ import torch
 
 from tokenmill.weights.errors import ModelLoadError
 
-# Arrays that are large and only read by the tokenizer builder; kept as numpy to stay fast.
-_BULK_ARRAYS = ("tokenizer.ggml.scores", "tokenizer.ggml.token_type")
+_SCALARS = {
+    0: ("<B", 1),
+    1: ("<b", 1),
+    2: ("<H", 2),
+    3: ("<h", 2),
+    4: ("<I", 4),
+    5: ("<i", 4),
+    6: ("<f", 4),
+    7: ("<?", 1),
+    10: ("<Q", 8),
+    11: ("<q", 8),
+    12: ("<d", 8),
+}
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+_STRING, _ARRAY = 8, 9
+# Numeric arrays this large stay numpy arrays (scores, token types); small ones become lists.
+_LIST_LIMIT = 4096
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # PyTorch order (outermost first)
+    qtype: int
+    offset: int  # absolute offset in the file
+    nbytes: int
+
+
+class _Cursor:
+    def __init__(self, buf: memoryview, path: str) -> None:
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, n: int) -> memoryview:
+        if self.pos + n > len(self.buf):
+            raise ModelLoadError(f"{self.path} is truncated: the header needs {self.pos + n} bytes, the file has {len(self.buf)}")
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def scalar(self, vtype: int) -> Any:
+        fmt, size = _SCALARS[vtype]
+        return struct.unpack(fmt, self.take(size))[0]
+
+    def string(self) -> str:
+        n = self.scalar(10)
+        return bytes(self.take(n)).decode("utf-8", errors="surrogateescape")
+
+    def value(self, vtype: int) -> Any:
+        if vtype == _STRING:
+            return self.string()
+        if vtype in _SCALARS:
+            return self.scalar(vtype)
+        if vtype == _ARRAY:
+            etype, count = self.scalar(4), self.scalar(10)
+            if etype == _STRING:
+                return [self.string() for _ in range(count)]
+            if etype in _NUMPY:
+                arr = np.frombuffer(self.take(count * _SCALARS[etype][1]), dtype=_NUMPY[etype])
+                return arr.tolist() if count <= _LIST_LIMIT else arr.copy()
+            if etype == _ARRAY:
+                return [self.value(_ARRAY) for _ in range(count)]
+        raise ModelLoadError(f"{self.path}: unknown GGUF value type {vtype} at byte {self.pos}")
 
 
 class GGUFFile:
-    """A GGUF file opened read-only (memory-mapped)."""
+    """A GGUF file opened read-only: ``metadata`` (plain values) and a tensor directory."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        import gguf  # imported lazily: only GGUF users pay for it
-
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise ModelLoadError(f"GGUF file not found: {self.path}")
-        try:
-            self.reader = gguf.GGUFReader(self.path)
-        except Exception as e:  # the reader raises many types on bad input
-            raise ModelLoadError(
-                f"{self.path} is not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}"
-            ) from e
-        self._gguf = gguf
-        self.metadata = self._read_metadata()
-        self.tensor_names = {t.name for t in self.reader.tensors}
-
-    def _read_metadata(self) -> dict[str, Any]:
-        meta: dict[str, Any] = {}
-        for key, field in self.reader.fields.items():
-            if key.startswith("GGUF."):
-                continue
+        with open(self.path, "rb") as f:
             try:
-                if key in _BULK_ARRAYS:
-                    meta[key] = np.concatenate([field.parts[i] for i in field.data]) if field.data else []
-                else:
-                    meta[key] = field.contents()
-            except Exception as e:
-                raise ModelLoadError(f"{self.path}: metadata key {key!r} cannot be read: {e}") from e
-        return meta
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except ValueError as e:  # empty file
+                raise ModelLoadError(f"{self.path} is empty, not a GGUF file") from e
+        try:
+            self._parse()
+        except (struct.error, UnicodeDecodeError, OverflowError, MemoryError) as e:
+            raise ModelLoadError(f"{self.path} is not a readable GGUF file (corrupt header): {e}") from e
+        self.tensor_names = set(self.tensor_info)
+
+    def _parse(self) -> None:
+        cur = _Cursor(memoryview(self._map), self.path)
+        if len(self._map) < 4 or bytes(cur.take(4)) != b"GGUF":
+            raise ModelLoadError(f"{self.path} is not a GGUF file (it does not start with 'GGUF')")
+        version = cur.scalar(4)
+        if version not in (2, 3):
+            raise ModelLoadError(f"{self.path}: GGUF version {version} is not supported (2 and 3 are)")
+        n_tensors, n_kv = cur.scalar(10), cur.scalar(10)
+        meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            meta[key] = cur.value(cur.scalar(4))
+        self.metadata = meta
+        infos = []
+        for _ in range(n_tensors):
+            name = cur.string()
+            dims = [cur.scalar(10) for _ in range(cur.scalar(4))]
+            qtype, offset = cur.scalar(4), cur.scalar(10)
+            infos.append((name, dims, qtype, offset))
+        align = int(meta.get("general.alignment", 32))
+        data_start = (cur.pos + align - 1) // align * align
+        self.tensor_info: dict[str, TensorInfo] = {}
+        size = len(self._map)
+        for name, dims, qtype, offset in infos:
+            nbytes = _tensor_nbytes(dims, qtype, self.path, name)
+            start = data_start + offset
+            if start + nbytes > size:
+                raise ModelLoadError(
+                    f"{self.path} is truncated: tensor {name!r} needs bytes up to {start + nbytes}, "
+                    f"the file has {size}"
+                )
+            self.tensor_info[name] = TensorInfo(name, tuple(reversed(dims)), qtype, start, nbytes)
 
     def tensors(self, skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (GGUF name, float32 tensor) with the PyTorch (out, in) orientation."""
-        for t in self.reader.tensors:
-            if t.name not in skip:
-                yield t.name, self._to_torch(t)
+        """Yield (GGUF name, float32 tensor) in PyTorch (out, in) orientation."""
+        for name in self.tensor_info:
+            if name not in skip:
+                yield name, self.tensor(name)
 
     def tensor(self, name: str) -> torch.Tensor:
-        for t in self.reader.tensors:
-            if t.name == name:
-                return self._to_torch(t)
-        raise ModelLoadError(f"{self.path}: no tensor {name!r}")
+        import gguf
 
-    def _to_torch(self, t: Any) -> torch.Tensor:
-        gguf = self._gguf
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if name not in self.tensor_info:
+            raise ModelLoadError(f"{self.path}: no tensor {name!r}")
+        info = self.tensor_info[name]
+        raw = np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        Q = gguf.GGMLQuantizationType
         try:
-            if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-                arr = np.asarray(t.data, dtype=np.float32)
-            elif t.tensor_type == gguf.GGMLQuantizationType.BF16:
-                raw = np.asarray(t.data).view(np.uint16).astype(np.uint32) << 16
-                arr = raw.view(np.float32)
+            qtype = Q(info.qtype)
+            if qtype == Q.F32:
+                arr = raw.view(np.float32).copy()
+            elif qtype == Q.F16:
+                arr = raw.view(np.float16).astype(np.float32)
+            elif qtype == Q.BF16:
+                arr = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
             else:
-                arr = gguf.quants.dequantize(t.data, t.tensor_type)
-            arr = arr.reshape(shape)
+                rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
+                arr = gguf.quants.dequantize(raw.reshape(rows, -1), qtype)
+            return torch.from_numpy(arr.reshape(info.shape))
         except NotImplementedError as e:
             raise ModelLoadError(
-                f"{self.path}: tensor {t.name!r} uses quantization {t.tensor_type.name}, which the "
-                f"installed gguf package cannot dequantize; upgrade gguf or re-quantize the file"
+                f"{self.path}: tensor {name!r} uses quantization {Q(info.qtype).name}, which the installed "
+                "gguf package cannot dequantize; upgrade gguf or re-quantize the file"
             ) from e
-        except (ValueError, IndexError) as e:
-            raise ModelLoadError(f"{self.path}: tensor {t.name!r} cannot be read: {e}") from e
-        return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _tensor_nbytes(dims: list[int], qtype: int, path: str, name: str) -> int:
+    import gguf
+
+    try:
+        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+    except (ValueError, KeyError):
+        raise ModelLoadError(f"{path}: tensor {name!r} has unknown GGML type {qtype}") from None
+    n = int(np.prod(dims)) if dims else 1
+    if dims and dims[0] % block:
+        raise ModelLoadError(f"{path}: tensor {name!r} rows of {dims[0]} do not fill {block}-element blocks")
+    return n // block * type_size

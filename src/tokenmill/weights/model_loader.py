@@ -73,6 +73,23 @@ def _build(family: Any, cfg: DecoderConfig, dtype: torch.dtype) -> nn.Module:
     return model.to(dtype)
 
 
+def _finalize(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move to ``device`` and pick the fastest weight layout there."""
+    model = model.to(device).eval()
+    dtype = next(model.parameters()).dtype
+    if device.type == "cpu" and dtype == torch.float32:
+        # fp32 GEMV reads an (in, out)-contiguous weight about twice as fast as the usual
+        # (out, in) layout at batch 1 and no slower for prefill; the parameter keeps its
+        # (out, in) shape, only its strides change. Tied embeddings share the storage.
+        # (bf16 is the other way round: see ModelRunner.forward.)
+        seen: set[int] = set()
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and id(module.weight) not in seen:
+                seen.add(id(module.weight))
+                module.weight.data = module.weight.data.t().contiguous().t()
+    return model
+
+
 def _read_json(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
@@ -111,7 +128,7 @@ def load_from_dir(model_dir: str, dtype: torch.dtype, device: torch.device) -> L
         # Some checkpoints carry precomputed rotary tables; tokenmill computes its own.
         ignore=lambda n: n.endswith("rotary_emb.inv_freq") or n.endswith(".attn.bias") or n.endswith(".attn.masked_bias"),
     )
-    return LoadedModel(model.to(device).eval(), tokenizer, cfg, gen_defaults, model_dir, report)
+    return LoadedModel(_finalize(model, device), tokenizer, cfg, gen_defaults, model_dir, report)
 
 
 def _gguf_to_hf_name(name: str, names: dict[str, str], block_prefix: str) -> str:
@@ -151,7 +168,7 @@ def load_from_gguf(path: str, dtype: torch.dtype, device: torch.device) -> Loade
     renamed = ((_gguf_to_hf_name(n, names, block_prefix), t) for n, t in tensors)
     transform = family.gguf_transform(cfg, arch) if family.gguf_transform else None
     report = load_weights(model, renamed, source=path, transform=transform)
-    return LoadedModel(model.to(device).eval(), tokenizer, cfg, {}, path, report)
+    return LoadedModel(_finalize(model, device), tokenizer, cfg, {}, path, report)
 
 
 def _merge_eos(cfg: DecoderConfig, tokenizer: Tokenizer, gen: dict[str, Any]) -> None:
