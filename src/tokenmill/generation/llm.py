@@ -166,14 +166,15 @@ class LLM:
             outs.append(RequestOutput(str(self._request_counter - 1), text, ids, completions, True, metrics))
         return outs
 
-    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield text deltas as they are decoded; together they are exactly the final text."""
-        seqs, _ = self._sequences([prompt], [sampling_params])
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> TextStream:
+        """Iterate over text deltas as they are decoded; together they are exactly the final text.
+
+        The returned stream's ``output`` holds the RequestOutput (with metrics) once it is exhausted.
+        """
+        seqs, requests = self._sequences([prompt], [sampling_params])
         if len(seqs) != 1:
             raise ValueError(f"stream() produces one sequence; got n={len(seqs)}, use generate() for n > 1")
-        for event in self._run(seqs):
-            if event.delta:
-                yield event.delta
+        return TextStream(self, seqs, requests)
 
     def chat(
         self,
@@ -213,3 +214,23 @@ class LLM:
             results = beam_search(self.runner, ids, params, self.eos_token_ids)
             outs.append(BeamSearchOutput(text, ids, to_hypotheses(results, self.tokenizer, params.skip_special_tokens)))
         return outs
+
+
+class TextStream:
+    """Text deltas of one streamed request; ``output`` is set when the stream ends."""
+
+    def __init__(self, llm: LLM, seqs: list[Sequence], requests: list) -> None:
+        self._llm, self._seqs, self._requests = llm, seqs, requests
+        self._events = llm._run(seqs)
+        self.output: RequestOutput | None = None
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        for event in self._events:
+            if event.delta:
+                return event.delta
+        if self.output is None:
+            self.output = self._llm._outputs(self._seqs, self._requests)[0]
+        raise StopIteration

@@ -36,11 +36,12 @@ class ModelRunner:
             # For one or two rows, ATen's own bf16 GEMV streams weights about twice as fast
             # as oneDNN's; from four rows on oneDNN wins by far.
             # (torch.backends.mkldnn.flags() would also reset TF32 settings and warn each step.)
+            prev = torch._C._get_mkldnn_enabled()
             torch._C._set_mkldnn_enabled(False)
             try:
                 return self.model(input_ids, positions, ctx, select)
             finally:
-                torch._C._set_mkldnn_enabled(True)
+                torch._C._set_mkldnn_enabled(prev)
         return self.model(input_ids, positions, ctx, select)
 
     @torch.inference_mode()
