@@ -45,7 +45,9 @@ def smollm_hf():
 
 
 def _hf_greedy(hf, ids: list[int], n: int) -> list[int]:
-    out = hf.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    out = hf.generate(
+        torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+    )
     return out[0, len(ids) :].tolist()
 
 
@@ -60,7 +62,10 @@ def test_smollm2_knows_paris():
     llm = LLM()  # the embedded default, in its default dtype
     out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=16))[0]
     assert "Paris" in out.outputs[0].text
-    reply = llm.chat([{"role": "user", "content": "What is the capital of France?"}], SamplingParams(temperature=0, max_tokens=32))[0]
+    reply = llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(temperature=0, max_tokens=32),
+    )[0]
     assert "Paris" in reply.outputs[0].text
     assert reply.outputs[0].finish_reason == "stop"
 
@@ -70,17 +75,20 @@ def test_smollm2_beam_search_matches_transformers(smollm, smollm_hf):
         ids = smollm.get_tokenizer().encode(prompt)
         ours = smollm.beam_search([ids], BeamSearchParams(beam_width=4, max_tokens=16, length_penalty=1.0))[0]
         ref = smollm_hf.generate(
-            torch.tensor([ids]), num_beams=4, do_sample=False, early_stopping=True, length_penalty=1.0,
-            max_new_tokens=16, pad_token_id=2,
+            torch.tensor([ids]),
+            num_beams=4,
+            do_sample=False,
+            early_stopping=True,
+            length_penalty=1.0,
+            max_new_tokens=16,
+            pad_token_id=2,
         )[0, len(ids) :].tolist()
         if 2 in ref:
             ref = ref[: ref.index(2) + 1]
         assert ours.sequences[0].token_ids == ref
 
 
-@pytest.mark.parametrize(
-    "prompt", ["My favourite emojis are 😀", "日本の首都は"], ids=["emoji", "cjk"]
-)
+@pytest.mark.parametrize("prompt", ["My favourite emojis are 😀", "日本の首都は"], ids=["emoji", "cjk"])
 def test_streaming_is_the_final_text_without_broken_utf8(smollm, prompt):
     params = SamplingParams(temperature=0, max_tokens=24)
     final = smollm.generate(prompt, params)[0].outputs[0]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import tiny
 import torch
 
+import tiny
 from tokenmill.generation.runner import ModelRunner
 from tokenmill.layers.attention import DenseAttention
 
@@ -78,8 +78,13 @@ def test_bfloat16_close_to_transformers(arch):
     prompt = [5, 17, 42, 99, 7, 3, 250, 11]
     tokens, step_logits = _greedy_cached(ours, prompt, 16)
     ref = hf.generate(
-        torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0,
-        output_logits=True, return_dict_in_generate=True,
+        torch.tensor([prompt]),
+        max_new_tokens=16,
+        min_new_tokens=16,
+        do_sample=False,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
     ref_tokens = ref.sequences[0, len(prompt) :].tolist()
     for i, (a, b) in enumerate(zip(tokens, ref_tokens)):
@@ -92,5 +97,7 @@ def test_bfloat16_close_to_transformers(arch):
     with torch.no_grad():
         ids = torch.tensor([prompt])
         ref_logits = hf(ids).logits[0].float()
-        out = ours(ids, torch.arange(len(prompt))[None], DenseAttention(None, 0, len(prompt), len(prompt) - 1), None)[0].float()
+        out = ours(
+            ids, torch.arange(len(prompt))[None], DenseAttention(None, 0, len(prompt), len(prompt) - 1), None
+        )[0].float()
     assert (out.log_softmax(-1) - ref_logits.log_softmax(-1)).abs().max() < 0.1

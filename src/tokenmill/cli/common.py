@@ -33,7 +33,12 @@ def sampling_params(args: argparse.Namespace, **extra: Any):
 def load_llm(args: argparse.Namespace):
     from tokenmill import LLM
 
-    return LLM(args.model, dtype=None if args.dtype == "auto" else args.dtype, device=args.device, revision=args.revision)
+    return LLM(
+        args.model,
+        dtype=None if args.dtype == "auto" else args.dtype,
+        device=args.device,
+        revision=args.revision,
+    )
 
 
 def format_stats(metrics: Any) -> str:

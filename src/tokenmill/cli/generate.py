@@ -44,10 +44,18 @@ def run(args: argparse.Namespace) -> int:
 def _beams(llm, prompt, args: argparse.Namespace) -> int:
     from tokenmill import BeamSearchParams
 
-    params = BeamSearchParams(beam_width=args.beams, max_tokens=args.max_tokens, length_penalty=args.length_penalty)
+    params = BeamSearchParams(
+        beam_width=args.beams, max_tokens=args.max_tokens, length_penalty=args.length_penalty
+    )
     out = llm.beam_search([prompt], params)[0]
     if args.json:
-        print(json.dumps({"prompt": out.prompt, "sequences": [asdict(h) for h in out.sequences]}, ensure_ascii=False, indent=2))
+        print(
+            json.dumps(
+                {"prompt": out.prompt, "sequences": [asdict(h) for h in out.sequences]},
+                ensure_ascii=False,
+                indent=2,
+            )
+        )
         return 0
     for rank, h in enumerate(out.sequences):
         print(f"--- beam {rank} (score {h.score:.4f}, {h.finish_reason})\n{h.text}")
@@ -69,7 +77,11 @@ def _as_json(out) -> dict:
                 "logprobs": None
                 if c.logprobs is None
                 else [
-                    {"token_id": lp.token_id, "logprob": lp.logprob, "top_logprobs": {str(k): v for k, v in lp.top_logprobs.items()}}
+                    {
+                        "token_id": lp.token_id,
+                        "logprob": lp.logprob,
+                        "top_logprobs": {str(k): v for k, v in lp.top_logprobs.items()},
+                    }
                     for lp in c.logprobs
                 ],
             }
@@ -78,6 +90,16 @@ def _as_json(out) -> dict:
         "metrics": {
             k: v
             for k, v in asdict(out.metrics).items()
-            if k in ("prompt_tokens", "output_tokens", "ttft_s", "tpot_s", "prefill_tokens_per_s", "decode_tokens_per_s", "e2e_s", "peak_memory_bytes")
+            if k
+            in (
+                "prompt_tokens",
+                "output_tokens",
+                "ttft_s",
+                "tpot_s",
+                "prefill_tokens_per_s",
+                "decode_tokens_per_s",
+                "e2e_s",
+                "peak_memory_bytes",
+            )
         },
     }

@@ -41,7 +41,9 @@ def add_sampling_args(p: argparse.ArgumentParser, default_max_tokens: int) -> No
     g.add_argument("--frequency-penalty", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    g.add_argument("--stop-token-id", type=int, action="append", default=None, help="stop token id (repeatable)")
+    g.add_argument(
+        "--stop-token-id", type=int, action="append", default=None, help="stop token id (repeatable)"
+    )
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--logprobs", type=int, default=None, help="top log-probabilities per token (with --json)")
 
@@ -53,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in SUBCOMMANDS.items():
+    for name, (_module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         _ADDERS[name](p)
     return parser

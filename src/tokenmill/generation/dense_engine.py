@@ -21,7 +21,6 @@ from tokenmill.generation.stop import StopStringMatcher
 from tokenmill.layers.attention import DenseAttention
 from tokenmill.tokenization.detokenizer import IncrementalDetokenizer
 from tokenmill.tokenization.tokenizer import Tokenizer
-from tokenmill.utils.devices import synchronize
 
 
 @dataclass
@@ -175,7 +174,9 @@ def _emit(s: Sequence, done: bool) -> tuple[str, bool]:
     assert s.detok is not None and s.stops is not None
     stopped_by_token = done and s.finish_reason == "stop"
     # The text of an EOS or stop id is not part of the output (as in vLLM).
-    delta = "" if stopped_by_token and not s.params.include_stop_str_in_output else s.detok.step(s.output_ids[-1])
+    delta = (
+        "" if stopped_by_token and not s.params.include_stop_str_in_output else s.detok.step(s.output_ids[-1])
+    )
     if done:
         delta += s.detok.flush()
     out = s.stops.feed(delta, can_stop=len(s.output_ids) >= s.params.min_tokens)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence as Seq
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
 from typing import Any
 
 import torch
@@ -74,7 +75,9 @@ class LLM:
     def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if isinstance(prompt, (list, tuple)) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
             V = self.config.vocab_size
             bad = [t for t in prompt if not 0 <= t < V]
             if bad:
@@ -112,7 +115,9 @@ class LLM:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         for start in range(0, len(seqs), self.max_batch_size):
-            yield from generate_batch(self.runner, self.tokenizer, self.eos_token_ids, seqs[start : start + self.max_batch_size])
+            yield from generate_batch(
+                self.runner, self.tokenizer, self.eos_token_ids, seqs[start : start + self.max_batch_size]
+            )
 
     # -- public API -------------------------------------------------------------------
     def generate(
@@ -144,7 +149,7 @@ class LLM:
     def _outputs(self, seqs: list[Sequence], requests) -> list[RequestOutput]:
         outs = []
         peak = peak_memory_bytes(self.device)
-        for i, (text, ids, p, metrics) in enumerate(requests):
+        for i, (text, ids, _p, metrics) in enumerate(requests):
             mine = [s for s in seqs if s.request_index == i]
             metrics.output_tokens = max(len(s.output_ids) for s in mine)
             metrics.finished_time = max(s.metrics.finished_time or 0.0 for s in mine)
@@ -186,7 +191,10 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate replies for one conversation or a list of them, formatted by the chat template."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        prompts = [self.format_chat(c, chat_template=chat_template, add_generation_prompt=add_generation_prompt) for c in conversations]  # type: ignore[arg-type]
+        prompts = [
+            self.format_chat(c, chat_template=chat_template, add_generation_prompt=add_generation_prompt)
+            for c in conversations
+        ]  # type: ignore[arg-type]
         return self.generate(prompts, sampling_params)
 
     def format_chat(
@@ -205,14 +213,20 @@ class LLM:
     ) -> list[BeamSearchOutput]:
         """Beam search for each prompt; hypotheses come back best first."""
         params = params or BeamSearchParams()
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
             prompts = [prompts]  # type: ignore[list-item]
         outs = []
         for prompt in prompts:  # type: ignore[union-attr]
             text, ids = self._prompt_ids(prompt)
             check_context(len(ids), params.max_tokens, self.max_model_len)
             results = beam_search(self.runner, ids, params, self.eos_token_ids)
-            outs.append(BeamSearchOutput(text, ids, to_hypotheses(results, self.tokenizer, params.skip_special_tokens)))
+            outs.append(
+                BeamSearchOutput(
+                    text, ids, to_hypotheses(results, self.tokenizer, params.skip_special_tokens)
+                )
+            )
         return outs
 
 

@@ -9,7 +9,9 @@ from tokenmill.models.config import DecoderConfig
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, config: DecoderConfig, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self, model: torch.nn.Module, config: DecoderConfig, device: torch.device, dtype: torch.dtype
+    ):
         self.model = model
         self.config = config
         self.device = device

