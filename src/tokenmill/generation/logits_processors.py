@@ -54,7 +54,8 @@ def apply_top_k_top_p(
         probs = sorted_logits.softmax(dim=-1)
         # Probability mass strictly before each token; drop a token once that mass reaches top_p.
         before = probs.cumsum(dim=-1) - probs
-        drop = before >= top_p.unsqueeze(1)
+        # Rows with top_p >= 1 keep every token: rounding can carry the cumsum to 1.0 early.
+        drop = (before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
         drop[:, 0] = False
         sorted_logits = sorted_logits.masked_fill(drop, NEG_INF)
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)

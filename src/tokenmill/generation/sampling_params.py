@@ -110,6 +110,8 @@ class SamplingParams:
                     tok = int(k)
                 except (TypeError, ValueError):
                     raise ValueError(f"logit_bias keys must be token ids, got {k!r}") from None
+                if isinstance(k, bool) or (not isinstance(k, str) and tok != k):
+                    raise ValueError(f"logit_bias keys must be token ids, got {k!r}")  # int(1.5) would be 1
                 _check_range(f"logit_bias[{tok}]", v, -100.0, 100.0)
                 clean[tok] = float(v)
             self.logit_bias = clean
@@ -118,11 +120,13 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is not None:
-            if not all(isinstance(s, str) for s in self.stop):
+            if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
                 raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
             if any(s == "" for s in self.stop):
                 raise ValueError("stop strings must not be empty")
         if self.stop_token_ids is not None:
+            if not isinstance(self.stop_token_ids, (list, tuple)):
+                raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
             for t in self.stop_token_ids:
                 _check_int("stop_token_ids entries", t, 0)
         if self.logprobs is not None:

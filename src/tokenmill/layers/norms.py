@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -17,13 +18,15 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        shape = (x.shape[-1],)
         if self.offset:
             # Gemma scales in float32 before the cast back.
-            return (h * (self.offset + self.weight.float())).to(dtype)
-        # Llama casts back first, then scales in the model dtype.
-        return self.weight * h.to(dtype)
+            w = self.weight.float() + self.offset
+            return F.rms_norm(x.float(), shape, w, self.eps).to(dtype)
+        if dtype == torch.float32:
+            return F.rms_norm(x, shape, self.weight, self.eps)
+        # Llama normalises in float32, casts back, then scales in the model dtype.
+        return self.weight * F.rms_norm(x.float(), shape, None, self.eps).to(dtype)
 
 
 class LayerNorm(nn.LayerNorm):

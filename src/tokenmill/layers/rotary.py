@@ -81,7 +81,10 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(t, self.inv_freq.to(device=device, dtype=torch.float32))
         emb = torch.cat((freqs, freqs), dim=-1)  # (S, D)
         self._cos = emb.cos() * self.attention_scaling
-        self._sin = emb.sin() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        # rotate_half(x) * sin == roll(x, D/2) * sin_signed, with the first half of sin negated.
+        half = sin.shape[-1] // 2
+        self._sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
     def forward(
         self, positions: torch.Tensor, dtype: torch.dtype, max_position: int
@@ -99,11 +102,6 @@ class RotaryEmbedding(nn.Module):
         return cos, sin
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, T, H, D); cos/sin: (B, T, 1, D)."""
-    return x * cos + rotate_half(x) * sin
+    """Rotate-half rope. x: (B, T, H, D); cos and the half-negated sin: (B, T, 1, D)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin

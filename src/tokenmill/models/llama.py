@@ -40,13 +40,15 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: Any) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(B, T, self.num_heads, self.head_dim)  # (B, T, H, D)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        H, Hkv = self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, self.head_dim)  # (B, T, H + 2 Hkv, D)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k, v = qkv.split([H, Hkv, Hkv], dim=2)
+            q, k = apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
+        else:
+            # One rope call over the q and k heads together: half the small ops per layer.
+            qk, v = qkv.split([H + Hkv, Hkv], dim=2)
+            q, k = apply_rotary(qk, cos, sin).split([H, Hkv], dim=2)
         out = ctx.attend(self.layer, q, k, v, self.scale, self.window)  # (B, T, H * D)
         return self.o_proj(out)
 

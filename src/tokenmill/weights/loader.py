@@ -65,8 +65,6 @@ def load_weights(
                 continue
             raise ModelLoadError(f"{source}: unexpected tensor {name!r} has no place in the model")
         param = params[target]
-        if transform is not None:
-            tensor = transform(name, tensor)
         if shard is None:
             dest = param.data
         else:
@@ -74,6 +72,14 @@ def load_weights(
             sizes = module.shard_sizes
             start = sum(sizes[:shard])
             dest = param.data.narrow(0, start, sizes[shard])
+        if transform is not None:
+            try:
+                tensor = transform(name, tensor)
+            except RuntimeError as e:  # a layout fix-up (q/k un-permute) cannot reshape a wrong-shaped tensor
+                raise ModelLoadError(
+                    f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                    f"the model expects {tuple(dest.shape)}"
+                ) from e
         if tuple(tensor.shape) != tuple(dest.shape):
             raise ModelLoadError(
                 f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
