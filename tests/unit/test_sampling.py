@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
-import tiny
 import torch
 
+import tiny
 from tokenmill import LLM, SamplingParams
 from tokenmill.generation import logits_processors as lp
 from tokenmill.generation.sampler import SamplingBatch
@@ -105,7 +105,9 @@ def test_reference_sets_are_the_documented_ones():
     # drops token 6; min-p .2 over the six (max .328, threshold .066) drops token 5 (.062).
     combined = reference(LOGITS, temperature=1.5, top_k=7, top_p=0.95, min_p=0.2)
     assert [i for i, v in enumerate(combined) if v] == [0, 1, 2, 3, 4]
-    assert [i for i, v in enumerate(reference(LOGITS, temperature=1.5, top_k=7, top_p=0.95)) if v] == list(range(6))
+    assert [i for i, v in enumerate(reference(LOGITS, temperature=1.5, top_k=7, top_p=0.95)) if v] == list(
+        range(6)
+    )
 
 
 def test_mixed_rows_each_follow_their_own_filter():
@@ -166,7 +168,10 @@ def test_temperature_zero_is_argmax(temperature):
 def test_top_k_one_is_argmax_and_greedy_rows_ignore_their_neighbours():
     torch.manual_seed(0)
     logits = torch.randn(200, 32) * 0.3  # flat rows: sampling would wander
-    params = [SamplingParams(temperature=0.8, top_k=1) if r % 2 else SamplingParams(temperature=0) for r in range(200)]
+    params = [
+        SamplingParams(temperature=0.8, top_k=1) if r % 2 else SamplingParams(temperature=0)
+        for r in range(200)
+    ]
     params[0] = SamplingParams(temperature=5.0)  # one true sampler keeps the batch off the all-greedy path
     tokens = make_batch(params, V=32).sample(logits, [0] * 200).tokens
     argmax = logits.argmax(-1).tolist()
@@ -216,7 +221,9 @@ def test_logit_bias_adds():
     assert out[0].tolist() == pytest.approx([-2.5, 1.0, 4.0, 2.0])
     assert out[1].tolist() == pytest.approx([0.5, 1.0, -1.0, 2.0])
     # a bias that large decides the greedy choice
-    assert make_batch([SamplingParams(temperature=0, logit_bias={2: 5.0})], V=4).sample(logits[:1], [0]).tokens == [2]
+    assert make_batch([SamplingParams(temperature=0, logit_bias={2: 5.0})], V=4).sample(
+        logits[:1], [0]
+    ).tokens == [2]
 
 
 def test_min_tokens_suppresses_eos_and_stop_ids_until_reached():
@@ -277,7 +284,9 @@ def test_llm_top_k_one_equals_greedy(llm):
 
 @pytest.mark.parametrize("prompt", [[0, 5, 17, 42, 99], [0, 300, 301, 302, 7, 8, 9]])
 def test_greedy_repetition_penalty_matches_transformers(llm, hf, prompt):
-    ours = _ids(llm.generate([prompt], SamplingParams(temperature=0, repetition_penalty=1.3, max_tokens=32))[0])
+    ours = _ids(
+        llm.generate([prompt], SamplingParams(temperature=0, repetition_penalty=1.3, max_tokens=32))[0]
+    )
     ref = hf.generate(
         torch.tensor([prompt]), do_sample=False, repetition_penalty=1.3, max_new_tokens=32, pad_token_id=2
     )[0, len(prompt) :].tolist()

@@ -9,8 +9,9 @@ import os
 
 import numpy as np
 import pytest
-import tiny
 import torch
+
+import tiny
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is the reference for GGUF")
 
@@ -157,7 +158,12 @@ def quant_file(tmp_path_factory):
     tensors["cube"], refs["cube"] = (cube, None), cube
     vec = rng.standard_normal(64).astype(np.float32)
     tensors["vec"], refs["vec"] = (vec, None), vec
-    meta = {"test.answer": 42, "test.name": "quants", "test.words": ["a", "b c", "ü"], "test.ints": [1, -2, 3]}
+    meta = {
+        "test.answer": 42,
+        "test.name": "quants",
+        "test.words": ["a", "b c", "ü"],
+        "test.ints": [1, -2, 3],
+    }
     _write(path, "llama", tensors, meta)
     return GGUFFile(path), refs
 
@@ -416,7 +422,9 @@ def test_real_file_cut_in_half_is_truncated(tmp_path):
 def test_random_bytes_are_not_gguf(tmp_path):
     path = tmp_path / "noise.gguf"
     path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
-    with pytest.raises(ModelLoadError, match=r"noise\.gguf is not a GGUF file \(it does not start with 'GGUF'\)"):
+    with pytest.raises(
+        ModelLoadError, match=r"noise\.gguf is not a GGUF file \(it does not start with 'GGUF'\)"
+    ):
         load_model(str(path), dtype="float32", device="cpu")
 
 
@@ -442,8 +450,12 @@ def test_unsupported_version(tmp_path):
 
 
 def test_unknown_architecture_is_named(tmp_path, vocab):
-    path = _write(tmp_path / "bert.gguf", "bert", {"token_embd.weight": (np.zeros((4, 8), np.float32), None)}, vocab)
-    with pytest.raises(ValueError, match=r"bert\.gguf: architecture 'bert' is not supported; tokenmill runs .*llama"):
+    path = _write(
+        tmp_path / "bert.gguf", "bert", {"token_embd.weight": (np.zeros((4, 8), np.float32), None)}, vocab
+    )
+    with pytest.raises(
+        ValueError, match=r"bert\.gguf: architecture 'bert' is not supported; tokenmill runs .*llama"
+    ):
         load_model(path, dtype="float32", device="cpu")
 
 
@@ -453,13 +465,17 @@ def _export_edited(hf_models, vocab, tmp_path, edit) -> str:
 
 def test_missing_tensor_is_named(hf_models, vocab, tmp_path):
     path = _export_edited(hf_models, vocab, tmp_path, lambda t: t.pop("blk.1.ffn_down.weight"))
-    with pytest.raises(ModelLoadError, match=r"missing tensor\(s\) for model\.layers\.1\.mlp\.down_proj\.weight"):
+    with pytest.raises(
+        ModelLoadError, match=r"missing tensor\(s\) for model\.layers\.1\.mlp\.down_proj\.weight"
+    ):
         load_model(path, dtype="float32", device="cpu")
 
 
 def test_missing_qkv_shard_is_named(hf_models, vocab, tmp_path):
     path = _export_edited(hf_models, vocab, tmp_path, lambda t: t.pop("blk.0.attn_v.weight"))
-    with pytest.raises(ModelLoadError, match=r"missing tensor\(s\) for model\.layers\.0\.self_attn\.qkv_proj"):
+    with pytest.raises(
+        ModelLoadError, match=r"missing tensor\(s\) for model\.layers\.0\.self_attn\.qkv_proj"
+    ):
         load_model(path, dtype="float32", device="cpu")
 
 
@@ -497,7 +513,9 @@ def test_unexpected_tensor_is_named(hf_models, vocab, tmp_path):
 
 
 def test_missing_required_metadata_is_named(tmp_path, vocab):
-    path = _write(tmp_path / "nometa.gguf", "llama", {"token_embd.weight": (np.zeros((4, 8), np.float32), None)}, vocab)
+    path = _write(
+        tmp_path / "nometa.gguf", "llama", {"token_embd.weight": (np.zeros((4, 8), np.float32), None)}, vocab
+    )
     with pytest.raises(ValueError, match=r"GGUF metadata has no 'llama\.attention\.head_count'"):
         load_model(path, dtype="float32", device="cpu")
 

@@ -7,8 +7,8 @@ import os
 import shutil
 
 import pytest
-import tiny
 
+import tiny
 from tokenmill.weights.errors import ModelLoadError
 from tokenmill.weights.hub import cached_models, snapshot
 from tokenmill.weights.model_loader import load_model, resolve_source

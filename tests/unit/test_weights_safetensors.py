@@ -8,9 +8,9 @@ import os
 import shutil
 
 import pytest
-import tiny
 import torch
 
+import tiny
 from tokenmill.layers.attention import DenseAttention
 from tokenmill.weights.errors import ModelLoadError
 from tokenmill.weights.model_loader import load_model
@@ -170,13 +170,17 @@ def _save_state_dict(model_dir, edit) -> None:
 
 def test_missing_tensor_is_named(model_dir):
     _save_state_dict(model_dir, lambda sd: sd.pop("model.layers.1.mlp.down_proj.weight"))
-    with pytest.raises(ModelLoadError, match=r"missing tensor\(s\) for model\.layers\.1\.mlp\.down_proj\.weight"):
+    with pytest.raises(
+        ModelLoadError, match=r"missing tensor\(s\) for model\.layers\.1\.mlp\.down_proj\.weight"
+    ):
         _load(model_dir)
 
 
 def test_missing_fused_shard_is_named(model_dir):
     _save_state_dict(model_dir, lambda sd: sd.pop("model.layers.0.self_attn.k_proj.weight"))
-    with pytest.raises(ModelLoadError, match=r"missing tensor\(s\) for model\.layers\.0\.self_attn\.qkv_proj\.weight"):
+    with pytest.raises(
+        ModelLoadError, match=r"missing tensor\(s\) for model\.layers\.0\.self_attn\.qkv_proj\.weight"
+    ):
         _load(model_dir)
 
 
@@ -185,7 +189,9 @@ def test_unexpected_tensor_is_named(model_dir):
         sd["model.layers.0.self_attn.extra.weight"] = torch.zeros(2, 2)
 
     _save_state_dict(model_dir, edit)
-    with pytest.raises(ModelLoadError, match=r"unexpected tensor 'model\.layers\.0\.self_attn\.extra\.weight'"):
+    with pytest.raises(
+        ModelLoadError, match=r"unexpected tensor 'model\.layers\.0\.self_attn\.extra\.weight'"
+    ):
         _load(model_dir)
 
 
@@ -218,12 +224,16 @@ def test_rotary_cache_in_checkpoint_is_ignored(model_dir):
 
 def test_no_tokenizer_json(model_dir):
     os.remove(os.path.join(model_dir, "tokenizer.json"))
-    with pytest.raises(ModelLoadError, match="no tokenizer.json in .*tokenmill needs the fast-tokenizer file"):
+    with pytest.raises(
+        ModelLoadError, match="no tokenizer.json in .*tokenmill needs the fast-tokenizer file"
+    ):
         _load(model_dir)
 
 
 def test_generation_config_eos_is_merged(tiny_dir, tmp_path):
-    d = tiny.save_tiny_dir("llama", str(tmp_path), generation_config={"eos_token_id": [1, 7], "temperature": 0.5})
+    d = tiny.save_tiny_dir(
+        "llama", str(tmp_path), generation_config={"eos_token_id": [1, 7], "temperature": 0.5}
+    )
     loaded = _load(d)
     assert loaded.config.eos_token_ids[:2] == [1, 7]
     assert loaded.generation_defaults["temperature"] == 0.5

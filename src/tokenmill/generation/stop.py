@@ -37,7 +37,8 @@ class StopStringMatcher:
                 out = self.text[self.emitted :]
                 self.emitted = len(self.text)
                 return out
-        hold = self._held_back() if can_stop else 0
+        # Hold back even while stops are off: a stop string may begin now and end once they count.
+        hold = self._held_back()
         end = len(self.text) - hold
         out = self.text[self.emitted : end] if end > self.emitted else ""
         self.emitted = max(self.emitted, end)

@@ -37,6 +37,7 @@ def snapshot(repo_id: str, revision: str | None = None, cache_dir: str | None = 
     )
 
     where = f"{repo_id}" + (f" at revision {revision!r}" if revision else "")
+    rev_arg = f" --revision {revision}" if revision else ""
     try:
         return snapshot_download(
             repo_id,
@@ -49,9 +50,8 @@ def snapshot(repo_id: str, revision: str | None = None, cache_dir: str | None = 
         raise ModelLoadError(
             f"model {where} is not in the local Hugging Face cache and the Hub cannot be reached"
             + (" (HF_HUB_OFFLINE is set)" if _offline() else "")
-            + f". Download it where there is network with `hf download {repo_id}`"
-            + (f" --revision {revision}" if revision else "")
-            + " (`huggingface-cli download` with huggingface_hub < 1.0) and copy the cache, "
+            + f". Download it where there is network with `hf download {repo_id}{rev_arg}` "
+            "(`huggingface-cli download` with huggingface_hub < 1.0) and copy the cache, "
             "or pass a local directory or .gguf file instead"
         ) from e
     except GatedRepoError as e:

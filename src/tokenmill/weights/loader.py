@@ -91,7 +91,7 @@ def load_weights(
             filled.setdefault(alias, set()).add(shard)
         report.loaded.append(name)
     missing = []
-    for pname, p in params.items():
+    for pname in params:
         got = filled.get(pname, set())
         module_name = pname.rsplit(".", 1)[0]
         module = model.get_submodule(module_name) if module_name != pname else model

@@ -44,8 +44,7 @@ def safetensors_files(model_dir: str) -> list[str]:
 
 
 def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
 
     for path in safetensors_files(model_dir):
         try:
