@@ -332,10 +332,18 @@ def test_n_samples_get_distinct_streams(llm):
     assert out.outputs[1].token_ids == _ids(lone)
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_logprobs_are_the_model_log_softmax(llm, hf, temperature):
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(temperature=0.0),
+        dict(temperature=1.0),
+        dict(temperature=0.7, repetition_penalty=1.5, logit_bias={7: 5.0}),
+    ],
+)
+def test_logprobs_are_the_model_log_softmax(llm, hf, kw):
+    # the model's own distribution, before penalties, bias or temperature
     prompt = [0, 5, 17, 42, 99]
-    sp = SamplingParams(temperature=temperature, seed=11, max_tokens=8, logprobs=3, ignore_eos=True)
+    sp = SamplingParams(**kw, seed=11, max_tokens=8, logprobs=3, ignore_eos=True)
     out = llm.generate([prompt], sp)[0].outputs[0]
     ids = out.token_ids
     assert len(out.logprobs) == len(ids) == 8

@@ -72,7 +72,8 @@ def _samples(reader, per_type: int = 3):
     picked = []
     for ts in by_type.values():
         small = sorted(ts, key=lambda t: t.n_elements)[: per_type - 1]
-        last = [t for t in ts if t.n_elements <= 4_000_000 and t not in small][-1:]
+        taken = {t.name for t in small}
+        last = [t for t in ts if t.n_elements <= 4_000_000 and t.name not in taken][-1:]
         picked += small + last
     return picked
 

@@ -41,6 +41,7 @@ def load_weights(
     source: str,
     transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     ignore: Callable[[str], bool] | None = None,
+    describe: Callable[[str], str] | None = None,
 ) -> LoadReport:
     """Copy ``tensors`` into ``model``'s parameters, strictly.
 
@@ -48,7 +49,11 @@ def load_weights(
         source: the file or directory, named in errors.
         transform: per-tensor fix-up applied after renaming (GGUF layouts).
         ignore: names that may be present without a parameter (e.g. rotary caches).
+        describe: how to name a tensor in errors (GGUF files add their own name).
     """
+    def show(name: str) -> str:
+        return describe(name) if describe is not None else repr(name)
+
     packed: dict[str, tuple[str, int]] = getattr(model, "packed_modules", {})
     params = dict(model.named_parameters(remove_duplicate=False))
     # Tied parameters appear under several names; each must be filled once under any.
@@ -63,7 +68,7 @@ def load_weights(
             if ignore is not None and ignore(name):
                 report.ignored.append(name)
                 continue
-            raise ModelLoadError(f"{source}: unexpected tensor {name!r} has no place in the model")
+            raise ModelLoadError(f"{source}: unexpected tensor {show(name)} has no place in the model")
         param = params[target]
         if shard is None:
             dest = param.data
@@ -77,12 +82,12 @@ def load_weights(
                 tensor = transform(name, tensor)
             except RuntimeError as e:  # a layout fix-up (q/k un-permute) cannot reshape a wrong-shaped tensor
                 raise ModelLoadError(
-                    f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                    f"{source}: tensor {show(name)} has shape {tuple(tensor.shape)}, "
                     f"the model expects {tuple(dest.shape)}"
                 ) from e
         if tuple(tensor.shape) != tuple(dest.shape):
             raise ModelLoadError(
-                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"{source}: tensor {show(name)} has shape {tuple(tensor.shape)}, "
                 f"the model expects {tuple(dest.shape)}"
             )
         with torch.no_grad():

@@ -165,9 +165,20 @@ def load_from_gguf(path: str, dtype: torch.dtype, device: torch.device) -> Loade
     model = _build(family, cfg, dtype)
     block_prefix = "transformer.h" if arch == "gpt2" else "model.layers"
     names = family.gguf_names
-    renamed = ((_gguf_to_hf_name(n, names, block_prefix), t) for n, t in tensors)
+    hf_to_gguf: dict[str, str] = {}
+
+    def renamed():
+        for n, t in tensors:
+            hf_name = _gguf_to_hf_name(n, names, block_prefix)
+            hf_to_gguf[hf_name] = n
+            yield hf_name, t
+
+    def describe(hf_name: str) -> str:
+        gguf_name = hf_to_gguf.get(hf_name)
+        return repr(hf_name) if gguf_name in (None, hf_name) else f"{gguf_name!r} ({hf_name})"
+
     transform = family.gguf_transform(cfg, arch) if family.gguf_transform else None
-    report = load_weights(model, renamed, source=path, transform=transform)
+    report = load_weights(model, renamed(), source=path, transform=transform, describe=describe)
     return LoadedModel(_finalize(model, device), tokenizer, cfg, {}, path, report)
 
 
