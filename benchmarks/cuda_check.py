@@ -21,7 +21,6 @@ import torch
 
 def correctness(device: str) -> dict:
     import tiny
-
     from tokenmill import LLM, SamplingParams
     from tokenmill.layers.attention import DenseAttention
     from tokenmill.weights.model_loader import _finalize

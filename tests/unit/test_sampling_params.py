@@ -221,9 +221,6 @@ def test_wrong_type_of_sampling_params(llm, bad):
     assert f"sampling_params must be a SamplingParams, got {type(bad).__name__}" in str(e.value)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="llm.py: `params or SamplingParams()` turns a falsy {} into the defaults"
-)
 def test_empty_dict_is_not_taken_for_default_params(llm):
     with pytest.raises(TypeError, match="sampling_params must be a SamplingParams, got dict"):
         llm.generate("Hello", {})

@@ -178,20 +178,27 @@ def base(llm):
     return out
 
 
-def _first_new_index(ids: list[int], start: int) -> int:
-    """An index at or after ``start`` whose token has not appeared before it."""
-    return next(i for i in range(start, len(ids)) if ids[i] not in ids[:i])
+def _fresh_index(tok, ids: list[int], start: int) -> int:
+    """An index at or after ``start`` whose token has not appeared before it and has text of its
+    own (the tiny model's vocabulary runs past the tokenizer's, whose extra ids decode to "")."""
+    return next(i for i in range(start, len(ids)) if ids[i] not in ids[:i] and tok.decode([ids[i]]))
 
 
-def test_stop_token_id(llm, base):
-    i = _first_new_index(base.token_ids, 4)  # the 5th generated token, or the next fresh one
+@pytest.mark.parametrize("include", [False, True])
+def test_stop_token_id(llm, base, include):
+    i = _fresh_index(llm.tokenizer, base.token_ids, 4)  # the 5th generated token, or the next usable one
     stop_id = base.token_ids[i]
-    out = llm.generate(PROMPT, greedy(stop_token_ids=[stop_id]))[0].outputs[0]
+    out = llm.generate(PROMPT, greedy(stop_token_ids=[stop_id], include_stop_str_in_output=include))[
+        0
+    ].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop_id
     assert out.token_ids == base.token_ids[: i + 1]
-    # the stop token's text is not part of the output
-    assert out.text == "".join(llm.stream(PROMPT, greedy(max_tokens=i)))
+    # the stop token's text is part of the output only when asked for
+    upto = "".join(llm.stream(PROMPT, greedy(max_tokens=i + 1 if include else i)))
+    assert out.text == upto
     assert base.text.startswith(out.text)
+    if not include:
+        assert len(upto) < len("".join(llm.stream(PROMPT, greedy(max_tokens=i + 1))))
 
 
 def test_eos_stops_with_no_stop_reason(llm):

@@ -86,7 +86,7 @@ class LLM:
         raise TypeError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
     def _resolve(self, params: SamplingParams | None, prompt_len: int) -> SamplingParams:
-        params = params or SamplingParams()
+        params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         p = params.resolved(self.generation_defaults, self.config.vocab_size)

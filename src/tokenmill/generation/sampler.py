@@ -117,7 +117,9 @@ class SamplingBatch:
         else:
             x = lp.apply_temperature(logits, self.temperature)
             if self.use_top_k or self.use_top_p:
-                x = lp.apply_top_k_top_p(x, self.top_k if self.use_top_k else None, self.top_p if self.use_top_p else None)
+                x = lp.apply_top_k_top_p(
+                    x, self.top_k if self.use_top_k else None, self.top_p if self.use_top_p else None
+                )
             if self.use_min_p:
                 x = lp.apply_min_p(x, self.min_p)
             probs = x.softmax(dim=-1)

@@ -103,7 +103,9 @@ class SamplingParams:
         _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
-                raise ValueError(f"logit_bias must be a dict of token id -> bias, got {type(self.logit_bias).__name__}")
+                raise ValueError(
+                    f"logit_bias must be a dict of token id -> bias, got {type(self.logit_bias).__name__}"
+                )
             clean = {}
             for k, v in self.logit_bias.items():
                 try:
@@ -142,7 +144,13 @@ class SamplingParams:
         """A copy with every None filled from ``model_defaults`` then the documented default,
         and token ids checked against the vocabulary."""
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "_resolved"}
-        sampling_defaults = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
+        sampling_defaults = {
+            "temperature": 1.0,
+            "top_k": 0,
+            "top_p": 1.0,
+            "min_p": 0.0,
+            "repetition_penalty": 1.0,
+        }
         do_sample = model_defaults.get("do_sample")
         for key, hf_key in _HF_DEFAULT_KEYS.items():
             if values[key] is None:

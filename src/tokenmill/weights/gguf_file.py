@@ -33,7 +33,19 @@ _SCALARS = {
     11: ("<q", 8),
     12: ("<d", 8),
 }
-_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+_NUMPY = {
+    0: "<u1",
+    1: "<i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "?",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
+}
 _STRING, _ARRAY = 8, 9
 # Numeric arrays this large stay numpy arrays (scores, token types); small ones become lists.
 _LIST_LIMIT = 4096
@@ -54,7 +66,9 @@ class _Cursor:
 
     def take(self, n: int) -> memoryview:
         if self.pos + n > len(self.buf):
-            raise ModelLoadError(f"{self.path} is truncated: the header needs {self.pos + n} bytes, the file has {len(self.buf)}")
+            raise ModelLoadError(
+                f"{self.path} is truncated: the header needs {self.pos + n} bytes, the file has {len(self.buf)}"
+            )
         out = self.buf[self.pos : self.pos + n]
         self.pos += n
         return out

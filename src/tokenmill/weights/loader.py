@@ -51,6 +51,7 @@ def load_weights(
         ignore: names that may be present without a parameter (e.g. rotary caches).
         describe: how to name a tensor in errors (GGUF files add their own name).
     """
+
     def show(name: str) -> str:
         return describe(name) if describe is not None else repr(name)
 

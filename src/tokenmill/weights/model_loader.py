@@ -126,7 +126,9 @@ def load_from_dir(model_dir: str, dtype: torch.dtype, device: torch.device) -> L
         iter_safetensors(model_dir),
         source=model_dir,
         # Some checkpoints carry precomputed rotary tables; tokenmill computes its own.
-        ignore=lambda n: n.endswith("rotary_emb.inv_freq") or n.endswith(".attn.bias") or n.endswith(".attn.masked_bias"),
+        ignore=lambda n: (
+            n.endswith("rotary_emb.inv_freq") or n.endswith(".attn.bias") or n.endswith(".attn.masked_bias")
+        ),
     )
     return LoadedModel(_finalize(model, device), tokenizer, cfg, gen_defaults, model_dir, report)
 

