@@ -5,25 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tiny
-from tokenmill import LLM, BeamSearchParams
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tiny_root):
-    return tiny.save_tiny_dir("llama", tiny_root)
-
-
-@pytest.fixture(scope="module")
-def llm(llama_dir):
-    return LLM(llama_dir, dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def hf(llama_dir):
-    import transformers
-
-    return transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+from tokenmill import BeamSearchParams
 
 
 def _hf_beams(hf, prompt, k, max_tokens, length_penalty, eos):

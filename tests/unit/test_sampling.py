@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-import tiny
-from tokenmill import LLM, SamplingParams
+from tokenmill import SamplingParams
 from tokenmill.generation import logits_processors as lp
 from tokenmill.generation.sampler import SamplingBatch
 
@@ -252,23 +251,6 @@ def test_min_tokens_suppresses_eos_and_stop_ids_until_reached():
 # -- through the LLM on a tiny model --------------------------------------------------------
 
 PROMPTS = ["The capital of France is", "Hello world", [0, 5, 17, 42, 99]]
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tiny_root):
-    return tiny.save_tiny_dir("llama", tiny_root)
-
-
-@pytest.fixture(scope="module")
-def llm(llama_dir):
-    return LLM(llama_dir, dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def hf(llama_dir):
-    import transformers
-
-    return transformers.AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
 
 
 def _ids(out):

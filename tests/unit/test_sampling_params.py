@@ -140,16 +140,6 @@ def test_resolved_rejects_ids_outside_the_vocabulary(kw, bad):
 # -- LLM-level errors ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tiny_root):
-    return tiny.save_tiny_dir("llama", tiny_root)
-
-
-@pytest.fixture(scope="module")
-def llm(llama_dir):
-    return LLM(llama_dir, dtype="float32")
-
-
 def _ids(n: int) -> list[int]:
     return [0] + [5 + i % 300 for i in range(n - 1)]
 

@@ -6,8 +6,7 @@ import random
 
 import pytest
 
-import tiny
-from tokenmill import LLM, SamplingParams
+from tokenmill import SamplingParams
 from tokenmill.generation.stop import StopStringMatcher
 from tokenmill.tokenization.detokenizer import IncrementalDetokenizer
 
@@ -124,16 +123,6 @@ def test_random_splits_never_leak_and_match_the_reference(include):
 
 
 # -- IncrementalDetokenizer ------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tiny_root):
-    return tiny.save_tiny_dir("llama", tiny_root)
-
-
-@pytest.fixture(scope="module")
-def llm(llama_dir):
-    return LLM(llama_dir, dtype="float32")
 
 
 @pytest.mark.parametrize(

