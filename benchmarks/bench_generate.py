@@ -103,6 +103,9 @@ def main() -> None:
             "decode_speedup": med["tokenmill"]["decode_tokens_per_s"]
             / med["transformers"]["decode_tokens_per_s"],
         }
+        med["rounds"] = {
+            name: [[round(1000 * t, 1), round(r, 2)] for t, r in vals] for name, vals in rows.items()
+        }
         results[dtype_name] = med
         del llm, hf
     info = {
@@ -115,7 +118,7 @@ def main() -> None:
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
     }
-    print(json.dumps({"info": info, "results": results}, indent=2))
+    print(json.dumps({"info": info, "results": results}))
     print()
     print(
         "| dtype | TTFT 512 tok: tokenmill | transformers | speedup | decode tok/s: tokenmill | transformers | speedup |"

@@ -71,3 +71,18 @@ def test_metrics_are_filled(llm):
     assert 0 < m.ttft_s <= m.e2e_s
     assert m.tpot_s > 0 and m.decode_tokens_per_s == pytest.approx(1 / m.tpot_s)
     assert m.prefill_tokens_per_s > 0 and m.peak_memory_bytes > 0
+
+
+def test_every_eos_id_of_generation_config_stops(tiny_root):
+    """Some models list several EOS ids in generation_config.json; any of them ends generation."""
+    plain = LLM(tiny.save_tiny_dir("qwen2", tiny_root), dtype="float32")
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    path = plain.generate([[4, 5, 6]], params)[0].outputs[0].token_ids
+    second_eos = path[3]
+    assert second_eos not in path[:3]
+    d = tiny.save_tiny_dir("qwen2", tiny_root, generation_config={"eos_token_id": [1, second_eos]})
+    llm = LLM(d, dtype="float32")
+    assert {1, second_eos} <= set(llm.eos_token_ids)
+    out = llm.generate([[4, 5, 6]], SamplingParams(temperature=0, max_tokens=10))[0].outputs[0]
+    assert out.token_ids == path[:4]
+    assert out.finish_reason == "stop" and out.stop_reason is None
