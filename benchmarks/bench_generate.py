@@ -1,8 +1,9 @@
 """tokenmill vs transformers, side by side in one process, same model, dtype and prompt.
 
 For each dtype: time to first token (TTFT) for a 512-token prompt and batch-1 decode
-tokens/s over 128 new tokens; medians over interleaved rounds, and the ratio
-tokenmill / transformers (for TTFT, transformers / tokenmill, so > 1 means faster).
+tokens/s over 128 new tokens; medians over interleaved rounds, and the median of the
+per-round speedups (tokenmill / transformers for tokens/s, transformers / tokenmill for
+TTFT, so > 1 means tokenmill is faster).
 
     python benchmarks/bench_generate.py [--model smollm2-135m-instruct] [--rounds 5]
 """
