@@ -137,3 +137,25 @@ def test_models_lists_packaged_models():
     assert res.returncode == 0, res.stderr
     names = [m["name"] for m in json.loads(res.stdout)["packaged"]]
     assert "smollm2-135m-instruct" in names and "gemma3-270m" in names
+
+
+def test_chat_survives_a_turn_that_does_not_fit(model_dir):
+    too_long = " ".join(["word"] * 400)  # beyond the tiny model's 256-token context
+    res = _run(
+        "chat", "--model", model_dir, "--dtype", "float32", "--max-tokens", "4", stdin=f"{too_long}\nhi\n"
+    )
+    assert res.returncode == 0, res.stderr
+    assert "beyond the model's context" in res.stderr or "context holds 256" in res.stderr
+    assert "/reset" in res.stderr
+    llm = LLM(model_dir, dtype="float32")
+    reply = llm.generate(
+        llm.format_chat([{"role": "user", "content": "hi"}]), SamplingParams(temperature=0, max_tokens=4)
+    )
+    assert res.stdout.strip() == reply[0].outputs[0].text.strip()
+
+
+def test_beam_search_flags_are_checked(model_dir):
+    res = _run("generate", "Hi", "--model", model_dir, "--beams", "0")
+    assert res.returncode == 2 and "beam_width must be an integer >= 1, got 0" in res.stderr
+    res = _run("generate", "Hi", "--model", model_dir, "--beams", "2", "--seed", "1", "--top-p", "0.5")
+    assert res.returncode == 2 and "beam search does not use --top-p, --seed" in res.stderr

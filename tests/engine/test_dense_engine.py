@@ -86,3 +86,19 @@ def test_every_eos_id_of_generation_config_stops(tiny_root):
     out = llm.generate([[4, 5, 6]], SamplingParams(temperature=0, max_tokens=10))[0].outputs[0]
     assert out.token_ids == path[:4]
     assert out.finish_reason == "stop" and out.stop_reason is None
+
+
+def test_min_tokens_beyond_the_context_left_is_an_error(tiny_root):
+    llm = LLM(tiny.save_tiny_dir("llama", tiny_root), dtype="float32")
+    with pytest.raises(
+        ValueError, match="min_tokens is 300 but only 253 tokens fit after the 3-token prompt"
+    ):
+        llm.generate([[4, 5, 6]], SamplingParams(max_tokens=None, min_tokens=300))
+
+
+def test_a_tuple_of_ids_is_one_prompt(tiny_root):
+    llm = LLM(tiny.save_tiny_dir("llama", tiny_root), dtype="float32")
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    a = llm.generate((4, 5, 6), params)
+    b = llm.generate([4, 5, 6], params)
+    assert len(a) == 1 and a[0].outputs[0].token_ids == b[0].outputs[0].token_ids

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from tokenmill.cli.common import format_stats, load_llm, sampling_params, write
@@ -35,8 +36,21 @@ def run(args: argparse.Namespace) -> int:
             print("(conversation cleared)", file=sys.stderr)
             continue
         history.append({"role": "user", "content": message})
-        prompt = llm.format_chat(history)
-        stream = llm.stream(prompt, params)
+        try:
+            prompt = llm.format_chat(history)
+            turn_params = params
+            room = llm.max_model_len - len(prompt)
+            if 0 < room < params.max_tokens:
+                # A long conversation leaves less room for the reply: shorten it, don't fail.
+                turn_params = dataclasses.replace(
+                    params, max_tokens=room, min_tokens=min(params.min_tokens, room)
+                )
+            stream = llm.stream(prompt, turn_params)
+        except ValueError as e:
+            # One bad turn (say, a conversation that outgrew the context) must not end the session.
+            history.pop()
+            print(f"error: {e} (use /reset to start a new conversation)", file=sys.stderr)
+            continue
         reply = []
         for delta in stream:
             reply.append(delta)

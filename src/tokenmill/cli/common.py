@@ -13,8 +13,9 @@ def sampling_params(args: argparse.Namespace, **extra: Any):
     return SamplingParams(
         max_tokens=args.max_tokens,
         min_tokens=args.min_tokens,
-        # The command line is deterministic unless asked otherwise.
-        temperature=0.0 if args.temperature is None else args.temperature,
+        # The command line is deterministic unless asked otherwise; several samples
+        # (--n) only make sense when sampling, so they default to temperature 1.
+        temperature=(1.0 if extra.get("n", 1) > 1 else 0.0) if args.temperature is None else args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         min_p=args.min_p,

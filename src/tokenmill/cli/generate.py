@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
         prompt_in = llm.format_chat([{"role": "user", "content": prompt}])
     else:
         prompt_in = prompt
-    if args.beams:
+    if args.beams is not None:
         return _beams(llm, prompt_in, args)
     params = sampling_params(args, n=args.n)
     if args.json or args.n > 1:
@@ -44,8 +44,32 @@ def run(args: argparse.Namespace) -> int:
 def _beams(llm, prompt, args: argparse.Namespace) -> int:
     from tokenmill import BeamSearchParams
 
+    unused = [
+        flag
+        for flag, used in (
+            ("--n", args.n != 1),
+            ("--temperature", args.temperature not in (None, 0.0)),
+            ("--top-k", args.top_k is not None),
+            ("--top-p", args.top_p is not None),
+            ("--min-p", args.min_p is not None),
+            ("--seed", args.seed is not None),
+            ("--stop", args.stop is not None),
+            ("--min-tokens", args.min_tokens != 0),
+            ("--logprobs", args.logprobs is not None),
+            ("--repetition-penalty", args.repetition_penalty is not None),
+            ("--presence-penalty", args.presence_penalty != 0.0),
+            ("--frequency-penalty", args.frequency_penalty != 0.0),
+        )
+        if used
+    ]
+    if unused:
+        raise ValueError(f"beam search does not use {', '.join(unused)}; drop them or drop --beams")
     params = BeamSearchParams(
-        beam_width=args.beams, max_tokens=args.max_tokens, length_penalty=args.length_penalty
+        beam_width=args.beams,
+        max_tokens=args.max_tokens,
+        length_penalty=args.length_penalty,
+        ignore_eos=args.ignore_eos,
+        stop_token_ids=args.stop_token_id,
     )
     out = llm.beam_search([prompt], params)[0]
     if args.json:

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    except (ValueError, TypeError) as e:
+    except ValueError as e:
         # User errors (bad values, missing files) get one clear line, not a traceback.
         print(f"tokenmill {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -92,6 +92,11 @@ class LLM:
         p = params.resolved(self.generation_defaults, self.config.vocab_size)
         if p.max_tokens is None:
             p.max_tokens = max(1, self.max_model_len - prompt_len)
+            if p.min_tokens > p.max_tokens:
+                raise ValueError(
+                    f"min_tokens is {p.min_tokens} but only {p.max_tokens} tokens fit after the "
+                    f"{prompt_len}-token prompt in the model's context of {self.max_model_len}"
+                )
         check_context(prompt_len, p.max_tokens, self.max_model_len)
         return p
 
@@ -127,7 +132,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for each prompt (text or token ids); returns one RequestOutput per prompt."""
         if isinstance(prompts, str) or (
-            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+            isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)
         ):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)  # type: ignore[arg-type]
@@ -214,7 +219,7 @@ class LLM:
         """Beam search for each prompt; hypotheses come back best first."""
         params = params or BeamSearchParams()
         if isinstance(prompts, str) or (
-            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+            isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)
         ):
             prompts = [prompts]  # type: ignore[list-item]
         outs = []

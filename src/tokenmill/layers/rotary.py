@@ -45,8 +45,8 @@ def rope_inv_freq(dim: int, base: float, scaling: dict[str, Any] | None) -> tupl
         return torch.where(is_medium, smoothed, scaled), 1.0
     # yarn
     old_len = float(scaling.get("original_max_position_embeddings") or scaling["_max_position_embeddings"])
-    beta_fast = float(scaling.get("beta_fast") or 32.0)
-    beta_slow = float(scaling.get("beta_slow") or 1.0)
+    beta_fast = float(scaling.get("beta_fast", 32.0))
+    beta_slow = float(scaling.get("beta_slow", 1.0))
     mscale = scaling.get("attention_factor")
     if mscale is None:
         mscale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0

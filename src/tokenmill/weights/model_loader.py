@@ -186,7 +186,8 @@ def _merge_eos(cfg: DecoderConfig, tokenizer: Tokenizer, gen: dict[str, Any]) ->
     gen_eos = gen.get("eos_token_id")
     ids += gen_eos if isinstance(gen_eos, list) else ([gen_eos] if gen_eos is not None else [])
     ids += tokenizer.eos_token_ids
-    cfg.eos_token_ids = [int(i) for i in dict.fromkeys(ids)]
+    # An id outside the vocabulary can never be generated; configs sometimes carry one.
+    cfg.eos_token_ids = [int(i) for i in dict.fromkeys(ids) if 0 <= int(i) < cfg.vocab_size]
 
 
 def load_model(
