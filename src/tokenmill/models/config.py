@@ -75,6 +75,24 @@ def eos_list(value: Any) -> list[int]:
     return [int(value)]
 
 
+def hf_special_ids(hf: dict[str, Any]) -> dict[str, Any]:
+    """bos / eos / pad ids of a config.json, as DecoderConfig fields."""
+    return {
+        "bos_token_id": hf.get("bos_token_id"),
+        "eos_token_ids": eos_list(hf.get("eos_token_id")),
+        "pad_token_id": hf.get("pad_token_id"),
+    }
+
+
+def gguf_special_ids(meta: dict[str, Any]) -> dict[str, Any]:
+    """bos / eos / pad ids of GGUF tokenizer metadata, as DecoderConfig fields."""
+    return {
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_ids": eos_list(meta.get("tokenizer.ggml.eos_token_id")),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+    }
+
+
 def hf_rope(hf: dict[str, Any], layer_type: str | None = None) -> tuple[float, dict[str, Any] | None]:
     """Rope base and scaling from a config.json of either transformers 4 or 5 layout."""
     params = hf.get("rope_parameters")

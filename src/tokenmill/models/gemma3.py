@@ -15,7 +15,7 @@ from torch import nn
 
 from tokenmill.layers.norms import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding
-from tokenmill.models.config import DecoderConfig, eos_list, gguf_get, hf_rope
+from tokenmill.models.config import DecoderConfig, gguf_get, gguf_special_ids, hf_rope, hf_special_ids
 from tokenmill.models.llama import GGUF_NAMES as LLAMA_GGUF_NAMES
 from tokenmill.models.llama import CausalLM, GatedMLP, LlamaAttention
 
@@ -109,9 +109,7 @@ def gemma3_config_from_hf(hf: dict[str, Any]) -> DecoderConfig:
         layer_types=list(layer_types),
         query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
         final_logit_softcapping=hf.get("final_logit_softcapping"),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_list(hf.get("eos_token_id")),
-        pad_token_id=hf.get("pad_token_id"),
+        **hf_special_ids(hf),
     )
 
 
@@ -145,9 +143,7 @@ def gemma3_config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> Dec
         layer_types=_default_layer_types(layers),
         # GGUF does not record it; Gemma 3 uses the head size (what transformers assumes too).
         query_pre_attn_scalar=float(head_dim),
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=eos_list(meta.get("tokenizer.ggml.eos_token_id")),
-        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+        **gguf_special_ids(meta),
     )
 
 

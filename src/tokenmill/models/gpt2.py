@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from tokenmill.layers.activations import get_activation
-from tokenmill.models.config import DecoderConfig, eos_list, gguf_get
+from tokenmill.models.config import DecoderConfig, gguf_get, gguf_special_ids, hf_special_ids
 
 
 class Conv1D(nn.Module):
@@ -124,9 +124,7 @@ def gpt2_config_from_hf(hf: dict[str, Any]) -> DecoderConfig:
         norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
         hidden_act=hf.get("activation_function", "gelu_new"),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_list(hf.get("eos_token_id")),
-        pad_token_id=hf.get("pad_token_id"),
+        **hf_special_ids(hf),
     )
 
 
@@ -147,9 +145,7 @@ def gpt2_config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> Decod
         norm_eps=float(gguf_get(meta, arch, "attention.layer_norm_epsilon", 1e-5)),
         hidden_act="gelu_new",
         tie_word_embeddings="output.weight" not in tensor_names,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=eos_list(meta.get("tokenizer.ggml.eos_token_id")),
-        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+        **gguf_special_ids(meta),
     )
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from tokenmill.layers.activations import get_activation
 from tokenmill.layers.norms import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary
-from tokenmill.models.config import DecoderConfig, eos_list, gguf_get, hf_rope
+from tokenmill.models.config import DecoderConfig, gguf_get, gguf_special_ids, hf_rope, hf_special_ids
 
 LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -182,9 +182,7 @@ def llama_config_from_hf(hf: dict[str, Any]) -> DecoderConfig:
         qk_norm=model_type == "qwen3",
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         sliding_window=int(sliding) if sliding else None,
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_list(hf.get("eos_token_id")),
-        pad_token_id=hf.get("pad_token_id"),
+        **hf_special_ids(hf),
     )
 
 
@@ -226,9 +224,7 @@ def llama_config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> Deco
         qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
         tie_word_embeddings="output.weight" not in tensor_names,
         sliding_window=int(sliding) if sliding else None,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=eos_list(meta.get("tokenizer.ggml.eos_token_id")),
-        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+        **gguf_special_ids(meta),
     )
 
 
