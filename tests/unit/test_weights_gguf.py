@@ -480,28 +480,23 @@ def test_missing_qkv_shard_is_named(hf_models, vocab, tmp_path):
         load_model(path, dtype="float32", device="cpu")
 
 
-def test_wrong_shape_names_tensor_and_both_shapes(hf_models, vocab, tmp_path):
+@pytest.mark.parametrize(
+    "name,shape,hf_name,expected",
+    [
+        ("blk.0.attn_v.weight", (32, 48), "v_proj.weight", (32, 64)),
+        # q/k are un-permuted before they are copied; a wrong shape must still be a named error.
+        ("blk.0.attn_q.weight", (60, 64), "q_proj.weight", (64, 64)),
+    ],
+)
+def test_wrong_shape_names_tensor_and_both_shapes(hf_models, vocab, tmp_path, name, shape, hf_name, expected):
     def edit(t):
-        t["blk.0.attn_v.weight"] = (np.zeros((32, 48), np.float32), None)
+        t[name] = (np.zeros(shape, np.float32), None)
 
     path = _export_edited(hf_models, vocab, tmp_path, edit)
     with pytest.raises(ModelLoadError) as e:
         load_model(path, dtype="float32", device="cpu")
     msg = str(e.value)
-    assert "v_proj.weight" in msg and "(32, 48)" in msg and "(32, 64)" in msg, msg
-
-
-def test_wrong_shape_of_permuted_tensor_names_it(hf_models, vocab, tmp_path):
-    """q/k are un-permuted before they are copied; a wrong shape must still be a named error."""
-
-    def edit(t):
-        t["blk.0.attn_q.weight"] = (np.zeros((60, 64), np.float32), None)
-
-    path = _export_edited(hf_models, vocab, tmp_path, edit)
-    with pytest.raises(ModelLoadError) as e:
-        load_model(path, dtype="float32", device="cpu")
-    msg = str(e.value)
-    assert "q_proj.weight" in msg and "(60, 64)" in msg and "(64, 64)" in msg, msg
+    assert hf_name in msg and str(shape) in msg and str(expected) in msg, msg
 
 
 def test_unexpected_tensor_is_named(hf_models, vocab, tmp_path):

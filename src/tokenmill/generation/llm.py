@@ -154,8 +154,11 @@ class LLM:
     def _outputs(self, seqs: list[Sequence], requests) -> list[RequestOutput]:
         outs = []
         peak = peak_memory_bytes(self.device)
+        by_request: dict[int, list[Sequence]] = {}
+        for s in seqs:
+            by_request.setdefault(s.request_index, []).append(s)
         for i, (text, ids, _p, metrics) in enumerate(requests):
-            mine = [s for s in seqs if s.request_index == i]
+            mine = by_request[i]
             metrics.output_tokens = max(len(s.output_ids) for s in mine)
             metrics.finished_time = max(s.metrics.finished_time or 0.0 for s in mine)
             metrics.peak_memory_bytes = peak

@@ -93,12 +93,16 @@ class SamplingBatch:
         logits = logits.float()
         if self.bias is not None:
             logits = logits + self.bias
-        suppress = [
-            (r, tok)
-            for r, p in enumerate(self.params)
-            if num_generated[r] < p.min_tokens
-            for tok in (([] if p.ignore_eos else self.eos_ids) + list(p.stop_token_ids or []))
-        ]
+        suppress = (
+            [
+                (r, tok)
+                for r, p in enumerate(self.params)
+                if num_generated[r] < p.min_tokens
+                for tok in (([] if p.ignore_eos else self.eos_ids) + list(p.stop_token_ids or []))
+            ]
+            if any(p.min_tokens for p in self.params)
+            else []
+        )
         if suppress:
             rows, toks = zip(*suppress)
             logits = logits.clone() if self.bias is None else logits

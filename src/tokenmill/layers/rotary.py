@@ -74,6 +74,7 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = inv_freq
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
+        self._cast: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _grow(self, length: int, device: torch.device) -> None:
         size = 1 << max(10, (length - 1).bit_length())
@@ -85,6 +86,7 @@ class RotaryEmbedding(nn.Module):
         # rotate_half(x) * sin == roll(x, D/2) * sin_signed, with the first half of sin negated.
         half = sin.shape[-1] // 2
         self._sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        self._cast = {torch.float32: (self._cos, self._sin)}
 
     def forward(
         self, positions: torch.Tensor, dtype: torch.dtype, max_position: int
@@ -96,10 +98,11 @@ class RotaryEmbedding(nn.Module):
         need = max_position + 1
         if self._cos is None or self._cos.shape[0] < need or self._cos.device != positions.device:
             self._grow(need, positions.device)
-        assert self._cos is not None and self._sin is not None
-        cos = self._cos[positions].unsqueeze(-2).to(dtype)
-        sin = self._sin[positions].unsqueeze(-2).to(dtype)
-        return cos, sin
+        if dtype not in self._cast:
+            # Rounded once per table, as the reference rounds cos/sin to the model dtype.
+            self._cast[dtype] = (self._cos.to(dtype), self._sin.to(dtype))
+        cos, sin = self._cast[dtype]
+        return cos[positions].unsqueeze(-2), sin[positions].unsqueeze(-2)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from tokenmill.tokenization.tokenizer import Tokenizer
-from tokenmill.weights.errors import ModelLoadError
+from tokenmill.utils.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import json
 import os
 from typing import Any
 
-from tokenmill.weights.errors import ModelLoadError
+from tokenmill.utils.errors import ModelLoadError
 
 
 class Tokenizer:

@@ -1,5 +1,8 @@
-"""Errors raised while finding or reading model files."""
+"""Errors raised while finding or reading model files.
 
+The class lives in ``utils`` so the tokenizer layer, below ``weights``, can raise it too.
+"""
 
-class ModelLoadError(ValueError):
-    """A model could not be found or read; the message names the file or tensor and what to do."""
+from tokenmill.utils.errors import ModelLoadError
+
+__all__ = ["ModelLoadError"]
