@@ -13,6 +13,8 @@ SUBCOMMANDS = {
     "generate": ("tokenmill.cli.generate", "Generate a continuation of a prompt (streams to the terminal)."),
     "chat": ("tokenmill.cli.chat", "Chat with a model interactively; the conversation is kept."),
     "models": ("tokenmill.cli.models", "List the models tokenmill can run offline here."),
+    "serve": ("tokenmill.cli.serve", "Serve a model over an OpenAI-compatible HTTP API."),
+    "bench": ("tokenmill.cli.bench", "Benchmark a running server: latency and throughput at the client."),
 }
 
 
@@ -84,7 +86,63 @@ def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
-_ADDERS = {"generate": _generate_args, "chat": _chat_args, "models": _models_args}
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require this key as 'Authorization: Bearer KEY' on /v1/* (default: $TOKENMILL_API_KEY)",
+    )
+    p.add_argument("--served-model-name", default=None, help="model name clients use (default: --model)")
+    g = p.add_argument_group("engine")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one step")
+    g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    g.add_argument(
+        "--kv-cache-memory",
+        default=None,
+        help="KV cache budget, e.g. 2GiB or 512MiB (default: from free memory)",
+    )
+    g.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
+    g.add_argument(
+        "--max-waiting", type=int, default=1024, help="waiting requests beyond which new ones get 503"
+    )
+    g.add_argument(
+        "--request-timeout", type=float, default=None, help="seconds after which a request is ended"
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
+    s = sub.add_parser("serve", help="load a running server and report TTFT, TPOT, ITL, throughput")
+    s.add_argument("--base-url", default="http://127.0.0.1:8000", help="server address")
+    s.add_argument("--model", default=None, help="model name to request (default: the server's first)")
+    s.add_argument(
+        "--endpoint", default="/v1/completions", choices=["/v1/completions", "/v1/chat/completions"]
+    )
+    s.add_argument("--api-key", default=None, help="bearer key (default: $TOKENMILL_API_KEY)")
+    s.add_argument("--dataset", default="random", choices=["random", "file"])
+    s.add_argument("--prompts-file", default=None, help="text file, one prompt per line (--dataset file)")
+    s.add_argument("--input-len", type=int, default=256, help="prompt tokens of random prompts")
+    s.add_argument("--output-len", type=int, default=128, help="tokens to generate per request")
+    s.add_argument("--num-prompts", type=int, default=64)
+    s.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second")
+    s.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json-out", default=None, help="also write the results as JSON here")
+
+
+_ADDERS = {
+    "generate": _generate_args,
+    "chat": _chat_args,
+    "models": _models_args,
+    "serve": _serve_args,
+    "bench": _bench_args,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,7 @@ class Sequence:
     stop_reason: str | int | None = None
     detok: IncrementalDetokenizer | None = None
     stops: StopStringMatcher | None = None
+    last_token_time: float = 0.0
 
 
 @dataclass
@@ -48,22 +49,6 @@ class StepEvent:
     seq: Sequence
     delta: str
     finished: bool
-
-
-def check_context(prompt_len: int, max_tokens: int, max_model_len: int) -> None:
-    if prompt_len == 0:
-        raise ValueError("the prompt is empty: give at least one token of text")
-    if prompt_len >= max_model_len:
-        raise ValueError(
-            f"the prompt has {prompt_len} tokens but the model's context holds {max_model_len}; "
-            "shorten the prompt (tokenmill never truncates it silently)"
-        )
-    if prompt_len + max_tokens > max_model_len:
-        raise ValueError(
-            f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}, together "
-            f"{prompt_len + max_tokens}, beyond the model's context of {max_model_len} tokens; "
-            f"lower max_tokens to at most {max_model_len - prompt_len}"
-        )
 
 
 def generate_batch(

@@ -10,7 +10,8 @@ class RequestMetrics:
     """Timings of one request, in seconds, measured on the host around synchronised steps.
 
     Attributes:
-        ttft_s: arrival to first generated token (includes prefill).
+        queue_s: arrival to first scheduled (time spent waiting for a slot).
+        ttft_s: arrival to first generated token (includes queueing and prefill).
         tpot_s: mean time per output token after the first.
         prefill_tokens_per_s: prompt tokens / prefill time.
         decode_tokens_per_s: tokens after the first / time after the first.
@@ -18,11 +19,13 @@ class RequestMetrics:
     """
 
     arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
     prompt_tokens: int = 0
     output_tokens: int = 0
     prefill_s: float = 0.0
+    queue_s: float | None = None
     ttft_s: float | None = None
     tpot_s: float | None = None
     prefill_tokens_per_s: float | None = None
@@ -31,6 +34,8 @@ class RequestMetrics:
     peak_memory_bytes: int = 0
 
     def finalize(self) -> None:
+        if self.first_scheduled_time is not None:
+            self.queue_s = self.first_scheduled_time - self.arrival_time
         if self.first_token_time is not None:
             self.ttft_s = self.first_token_time - self.arrival_time
         if self.prefill_s > 0:

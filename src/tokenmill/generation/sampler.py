@@ -32,7 +32,9 @@ class SamplingBatch:
         eos_ids: list[int],
         device: torch.device,
         generators: list[torch.Generator | None],
+        outputs: list[list[int]] | None = None,
     ) -> None:
+        """``outputs``: tokens each row already generated (a batch built mid-generation)."""
         self.params = params
         self.V = vocab_size
         self.device = device
@@ -58,8 +60,15 @@ class SamplingBatch:
         if self.use_rep:
             self.seen = torch.zeros(R, vocab_size, dtype=torch.bool, device=device)
             for r, ids in enumerate(prompts):
+                if outputs is not None:
+                    ids = list(ids) + list(outputs[r])
                 self.seen[r, torch.tensor(ids, dtype=torch.long, device=device)] = True
         self.counts = torch.zeros(R, vocab_size, **f32) if self.use_pf else None
+        if self.counts is not None and outputs is not None:
+            for r, ids in enumerate(outputs):
+                if ids:
+                    t = torch.tensor(ids, dtype=torch.long, device=device)
+                    self.counts[r].index_add_(0, t, torch.ones(len(ids), **f32))
         self.bias = None
         if any(p.logit_bias for p in params):
             self.bias = torch.zeros(R, vocab_size, **f32)

@@ -1,0 +1,195 @@
+"""The asyncio face of the engine: one stream per request, the engine on its own thread.
+
+The engine loop runs in a background thread (torch releases the GIL in its kernels, so
+the event loop stays responsive). Requests and aborts reach it through a lock-guarded
+inbox; each step's outputs go back to the waiting coroutines with
+``call_soon_threadsafe``. A request whose consumer stops listening (a client that
+disconnects) is aborted, and its KV blocks are freed before the next step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+
+from tokenmill.generation.engine import EngineConfig, LLMEngine
+from tokenmill.generation.errors import EngineDeadError, EngineOverloadedError
+from tokenmill.generation.outputs import RequestOutput
+from tokenmill.generation.sampling_params import SamplingParams
+from tokenmill.generation.stats import EngineStats, StepStats
+
+log = logging.getLogger("tokenmill.engine")
+
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineOverloadedError"]
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, model_name: str | None = None) -> None:
+        self.engine = engine
+        self.model_name = model_name or engine.config.model or "smollm2-135m-instruct"
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.model_config.vocab_size
+        self.max_waiting = engine.config.max_waiting
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._adds: list[tuple] = []
+        self._aborts: list[str] = []
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._listeners: list[Callable[[StepStats], None]] = []
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._accepting = False
+        self._error: BaseException | None = None
+        self._stats = engine.stats()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, model_name: str | None = None) -> AsyncEngine:
+        return cls(LLMEngine.from_config(config), model_name)
+
+    # -- life cycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop, self._accepting = False, True
+        self._thread = threading.Thread(target=self._loop, name="tokenmill-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._error is None and not self._stop
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop accepting; let in-flight requests finish for up to ``timeout`` s, abort the rest."""
+        self._accepting = False
+        end = time.monotonic() + timeout
+        while self._queues and time.monotonic() < end and self.is_running:
+            await asyncio.sleep(0.05)
+        with self._lock:
+            self._aborts.extend(self._queues)
+            self._stop = True
+            self._wake.notify()
+        thread = self._thread
+        if thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, thread.join, 10.0)
+        for loop, queue in list(self._queues.values()):
+            loop.call_soon_threadsafe(queue.put_nowait, EngineDeadError("the server is shutting down"))
+
+    # -- requests ---------------------------------------------------------------------
+    def resolve_params(self, params: SamplingParams | None, prompt_len: int) -> SamplingParams:
+        return self.engine.resolve_params(params, prompt_len)
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def add_stats_listener(self, fn: Callable[[StepStats], None]) -> None:
+        self._listeners.append(fn)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.append(request_id)
+            self._wake.notify()
+
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        deadline: float | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream cumulative outputs of one request; leaving early aborts it."""
+        if not self.is_running or not self._accepting:
+            raise EngineDeadError(self._dead_reason())
+        if self.max_waiting is not None:
+            waiting = self._stats.num_waiting + len(self._adds)
+            if waiting >= self.max_waiting:
+                raise EngineOverloadedError(
+                    f"{waiting} requests are already waiting (the limit is {self.max_waiting}); retry later"
+                )
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already running")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = (loop, queue)
+        with self._lock:
+            self._adds.append((request_id, list(prompt_ids), params, time.perf_counter(), deadline))
+            self._wake.notify()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                # Outputs are cumulative: when the consumer fell behind, only the newest matters.
+                while not isinstance(item, BaseException) and not item.finished and not queue.empty():
+                    item = queue.get_nowait()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def _dead_reason(self) -> str:
+        if self._error is not None:
+            return f"the engine stopped after an error: {self._error}"
+        if self._thread is None:
+            return "the engine is not started"
+        return "the engine is shutting down"
+
+    # -- the engine thread ------------------------------------------------------------
+    def _loop(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                with self._lock:
+                    while not (self._stop or self._adds or self._aborts or engine.has_unfinished()):
+                        self._wake.wait()
+                    adds, self._adds = self._adds, []
+                    aborts, self._aborts = self._aborts, []
+                    stop = self._stop
+                for request_id in aborts:
+                    engine.abort(request_id)
+                for request_id, ids, params, arrival, deadline in adds:
+                    if request_id not in self._queues:
+                        continue  # its client left before the engine saw it
+                    try:
+                        engine.add_request(request_id, ids, params, arrival_time=arrival, deadline=deadline)
+                    except ValueError as e:
+                        self._send(request_id, e)
+                if stop:
+                    for request_id in list(self._queues):
+                        engine.abort(request_id)
+                    self._publish(engine.step() if engine.has_unfinished() else [])
+                    return
+                self._publish(engine.step())
+        except BaseException as e:  # a failed step: every stream learns why, the engine stops
+            log.exception("engine step failed")
+            self._error = e
+            for request_id in list(self._queues):
+                self._send(request_id, EngineDeadError(f"the engine stopped after an error: {e}"))
+        finally:
+            self._stats = engine.stats()
+
+    def _publish(self, groups) -> None:
+        engine = self.engine
+        for group in groups:
+            if group.request_id in self._queues:
+                self._send(group.request_id, engine.snapshot(group))
+        self._stats = engine.stats()
+        for fn in self._listeners:
+            try:
+                fn(engine.last_stats)
+            except Exception:
+                log.exception("stats listener failed")
+
+    def _send(self, request_id: str, item) -> None:
+        entry = self._queues.get(request_id)
+        if entry is not None:
+            loop, queue = entry
+            loop.call_soon_threadsafe(queue.put_nowait, item)
