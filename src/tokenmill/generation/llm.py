@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from typing import Any
 
 import torch
 
-from tokenmill.generation import dense_engine
 from tokenmill.generation.beam_search import beam_search, to_hypotheses
-from tokenmill.generation.dense_engine import Sequence, check_context, generate_batch
-from tokenmill.generation.outputs import (
-    BeamSearchOutput,
-    CompletionOutput,
-    RequestMetrics,
-    RequestOutput,
-)
-from tokenmill.generation.runner import ModelRunner
+from tokenmill.generation.engine import EngineConfig, LLMEngine
+from tokenmill.generation.errors import check_context
+from tokenmill.generation.outputs import BeamSearchOutput, RequestOutput
 from tokenmill.generation.sampling_params import BeamSearchParams, SamplingParams
 from tokenmill.tokenization.tokenizer import Tokenizer
 from tokenmill.utils.devices import peak_memory_bytes
@@ -36,7 +29,11 @@ class LLM:
         dtype: "float32", "bfloat16" (default) or "float16".
         device: "cpu", "cuda" or None for the best available.
         revision: Hub revision (branch, tag or commit) for repo ids.
-        max_batch_size: most sequences decoded together by ``generate``.
+        max_batch_size: most sequences the engine runs in one step.
+        max_num_batched_tokens: token budget of one engine step (long prompts are
+            prefilled in chunks of at most this many tokens).
+        kv_cache_memory: bytes for the paged KV cache (default: from free memory).
+        enable_prefix_caching: reuse the KV blocks of prompts that share a prefix.
     """
 
     def __init__(
@@ -47,19 +44,28 @@ class LLM:
         device: str | torch.device | None = None,
         revision: str | None = None,
         max_batch_size: int = 32,
+        max_num_batched_tokens: int = 1024,
+        kv_cache_memory: int | None = None,
+        enable_prefix_caching: bool = True,
     ) -> None:
         from tokenmill.weights.model_loader import load_model
 
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        config = EngineConfig(
+            max_num_seqs=max_batch_size,
+            max_num_batched_tokens=max_num_batched_tokens,
+            kv_cache_memory=kv_cache_memory,
+            enable_prefix_caching=enable_prefix_caching,
+        )
         loaded = load_model(model, dtype=dtype, device=device, revision=revision)
         self.loaded = loaded
+        self.engine = LLMEngine(loaded, config)
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
-        param = next(loaded.model.parameters())
-        self.device, self.dtype = param.device, param.dtype
-        self.runner = ModelRunner(loaded.model, loaded.config, self.device, self.dtype)
-        self.eos_token_ids = list(loaded.config.eos_token_ids)
+        self.device, self.dtype = self.engine.device, self.engine.dtype
+        self.runner = self.engine.runner
+        self.eos_token_ids = self.engine.eos_token_ids
         self.generation_defaults = loaded.generation_defaults
         self.max_batch_size = max_batch_size
         self._request_counter = 0
@@ -70,7 +76,7 @@ class LLM:
 
     @property
     def max_model_len(self) -> int:
-        return self.runner.max_model_len
+        return self.engine.max_model_len
 
     def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -85,44 +91,37 @@ class LLM:
             return None, list(prompt)
         raise TypeError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
-    def _resolve(self, params: SamplingParams | None, prompt_len: int) -> SamplingParams:
-        params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
-        p = params.resolved(self.generation_defaults, self.config.vocab_size)
-        if p.max_tokens is None:
-            p.max_tokens = max(1, self.max_model_len - prompt_len)
-            if p.min_tokens > p.max_tokens:
-                raise ValueError(
-                    f"min_tokens is {p.min_tokens} but only {p.max_tokens} tokens fit after the "
-                    f"{prompt_len}-token prompt in the model's context of {self.max_model_len}"
-                )
-        check_context(prompt_len, p.max_tokens, self.max_model_len)
-        return p
-
-    def _sequences(self, prompts: Seq[Prompt], params: Seq[SamplingParams | None]):
-        seqs: list[Sequence] = []
-        requests = []
-        for i, (prompt, sp) in enumerate(zip(prompts, params)):
+    def _add(self, prompts: Seq[Prompt], params: Seq[SamplingParams | None]) -> list[str]:
+        """Check every request first, then queue them all; returns their ids in order."""
+        checked = []
+        for prompt, sp in zip(prompts, params):
             text, ids = self._prompt_ids(prompt)
-            p = self._resolve(sp, len(ids))
-            metrics = RequestMetrics(arrival_time=time.perf_counter(), prompt_tokens=len(ids))
-            requests.append((text, ids, p, metrics))
-            for j in range(p.n):
-                gen = None
-                if p.seed is not None:
-                    gen = torch.Generator(device=self.device)
-                    gen.manual_seed(p.seed + j)  # each of the n samples gets its own stream
-                seqs.append(Sequence(i, j, ids, p, metrics, gen))
-        return seqs, requests
-
-    def _run(self, seqs: list[Sequence]) -> Iterator[dense_engine.StepEvent]:
+            checked.append((text, ids, self.engine.resolve_params(sp, len(ids))))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        for start in range(0, len(seqs), self.max_batch_size):
-            yield from generate_batch(
-                self.runner, self.tokenizer, self.eos_token_ids, seqs[start : start + self.max_batch_size]
-            )
+        request_ids = []
+        for text, ids, p in checked:
+            request_id = str(self._request_counter)
+            self._request_counter += 1
+            self.engine.add_request(request_id, ids, p, prompt=text)
+            request_ids.append(request_id)
+        return request_ids
+
+    def _run(self, request_ids: list[str]) -> Iterator[tuple[str, RequestOutput]]:
+        """Step the engine until these requests finish, yielding each changed output."""
+        pending = set(request_ids)
+        try:
+            while pending:
+                for group in self.engine.step():
+                    if group.request_id in pending:
+                        out = self.engine.snapshot(group)
+                        if out.finished:
+                            pending.discard(group.request_id)
+                            out.metrics.peak_memory_bytes = peak_memory_bytes(self.device)
+                        yield group.request_id, out
+        finally:
+            for request_id in pending:  # an interrupted caller leaves nothing running
+                self.engine.abort(request_id)
 
     # -- public API -------------------------------------------------------------------
     def generate(
@@ -146,48 +145,19 @@ class LLM:
             params = list(sampling_params)
         else:
             params = [sampling_params] * len(prompts)
-        seqs, requests = self._sequences(prompts, params)
-        for _ in self._run(seqs):
-            pass
-        return self._outputs(seqs, requests)
-
-    def _outputs(self, seqs: list[Sequence], requests) -> list[RequestOutput]:
-        outs = []
-        peak = peak_memory_bytes(self.device)
-        by_request: dict[int, list[Sequence]] = {}
-        for s in seqs:
-            by_request.setdefault(s.request_index, []).append(s)
-        for i, (text, ids, _p, metrics) in enumerate(requests):
-            mine = by_request[i]
-            metrics.output_tokens = max(len(s.output_ids) for s in mine)
-            metrics.finished_time = max(s.metrics.finished_time or 0.0 for s in mine)
-            metrics.peak_memory_bytes = peak
-            metrics.finalize()
-            completions = [
-                CompletionOutput(
-                    index=s.sample_index,
-                    text=s.text,
-                    token_ids=list(s.output_ids),
-                    finish_reason=s.finish_reason,
-                    stop_reason=s.stop_reason,
-                    cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
-                    logprobs=s.logprobs,
-                )
-                for s in mine
-            ]
-            self._request_counter += 1
-            outs.append(RequestOutput(str(self._request_counter - 1), text, ids, completions, True, metrics))
-        return outs
+        request_ids = self._add(prompts, params)
+        final = {rid: out for rid, out in self._run(request_ids) if out.finished}
+        return [final[rid] for rid in request_ids]
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> TextStream:
         """Iterate over text deltas as they are decoded; together they are exactly the final text.
 
         The returned stream's ``output`` holds the RequestOutput (with metrics) once it is exhausted.
         """
-        seqs, requests = self._sequences([prompt], [sampling_params])
-        if len(seqs) != 1:
-            raise ValueError(f"stream() produces one sequence; got n={len(seqs)}, use generate() for n > 1")
-        return TextStream(self, seqs, requests)
+        sp = sampling_params or SamplingParams()
+        if sp.n != 1:
+            raise ValueError(f"stream() produces one sequence; got n={sp.n}, use generate() for n > 1")
+        return TextStream(self._run(self._add([prompt], [sp])))
 
     def chat(
         self,
@@ -241,18 +211,26 @@ class LLM:
 class TextStream:
     """Text deltas of one streamed request; ``output`` is set when the stream ends."""
 
-    def __init__(self, llm: LLM, seqs: list[Sequence], requests: list) -> None:
-        self._llm, self._seqs, self._requests = llm, seqs, requests
-        self._events = llm._run(seqs)
+    def __init__(self, outputs: Iterator[tuple[str, RequestOutput]]) -> None:
+        self._outputs = outputs
+        self._sent = 0
         self.output: RequestOutput | None = None
 
     def __iter__(self) -> TextStream:
         return self
 
     def __next__(self) -> str:
-        for event in self._events:
-            if event.delta:
-                return event.delta
-        if self.output is None:
-            self.output = self._llm._outputs(self._seqs, self._requests)[0]
+        for _rid, out in self._outputs:
+            text = out.outputs[0].text
+            delta, self._sent = text[self._sent :], len(text)
+            if out.finished:
+                self.output = out
+            if delta:
+                return delta
         raise StopIteration
+
+    def close(self) -> None:
+        """Stop early; the request is aborted and its KV blocks freed."""
+        close = getattr(self._outputs, "close", None)
+        if close is not None:
+            close()

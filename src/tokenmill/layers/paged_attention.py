@@ -13,7 +13,9 @@ keys and values are written to their slots, then:
 - each chunk attends causally to its request's earlier keys (gathered from its
   blocks) and its own.
 
-This is the reference path, exact on every device.
+The PyTorch code here is the reference path, exact on every device. On CPU the
+decode part runs a C kernel that reads the blocks in place (``cpu_kernels``), since
+the gather copies every key and value once more per layer and step.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from tokenmill.layers import cpu_kernels
 from tokenmill.layers.attention import _MATMUL_ATTN_MAX, _matmul_attention
 
 
@@ -81,6 +84,8 @@ class PagedAttention:
     decode_tables: torch.Tensor | None = None  # (num_decode, max_blocks) block ids, padded
     decode_lens: torch.Tensor | None = None  # (num_decode,) context lengths
     chunks: list[PrefillChunk] = field(default_factory=list)
+    #: False forces the PyTorch reference path (tests compare the two)
+    use_kernels: bool = True
     _masks: dict = field(default_factory=dict, repr=False)
 
     def _decode_mask(self, window: int | None, device: torch.device) -> torch.Tensor:
@@ -131,7 +136,9 @@ class PagedAttention:
         self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, scale: float, window: int | None
     ) -> torch.Tensor:
         """q: (R, H, D) one query per row. Returns (R, H * Dv)."""
-        assert self.decode_tables is not None
+        assert self.decode_tables is not None and self.decode_lens is not None
+        if self.use_kernels and q.device.type == "cpu" and cpu_kernels.paged_decode_available(q.dtype):
+            return cpu_kernels.paged_decode(q, kc, vc, self.decode_tables, self.decode_lens, scale, window)
         R, H, D = q.shape
         Hkv = kc.shape[2]
         table = self.decode_tables.view(-1)

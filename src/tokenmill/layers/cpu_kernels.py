@@ -1,0 +1,125 @@
+"""Small C kernels for CPU paths that PyTorch has no fast operator for.
+
+The source ships with the package and is compiled once per machine with the system C
+compiler into a cache directory; a machine without a compiler, or with
+``TOKENMILL_CPU_KERNELS=0``, uses the PyTorch reference path instead. The kernels are
+called through ctypes, which releases the GIL while they run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("tokenmill.kernels")
+
+_SOURCE = Path(__file__).parent / "kernels" / "paged_decode.c"
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("TOKENMILL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tokenmill")
+    return Path(base) / "kernels"
+
+
+def _cpu_signature() -> str:
+    """Built with -march=native, a library is only valid on the CPU that built it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + platform.processor() + flags
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("TOKENMILL_CPU_KERNELS", "1") == "0":
+        return None
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None or not _SOURCE.exists():
+        return None
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(_FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
+    path = _cache_dir() / f"paged_decode-{key}.so"
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Build beside the target and rename, so concurrent processes never load half a file.
+            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+                out = Path(tmp) / path.name
+                subprocess.run(
+                    [cc, *_FLAGS, "-o", str(out), str(_SOURCE), "-lm"],
+                    check=True,
+                    capture_output=True,
+                    timeout=120,
+                )
+                os.replace(out, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("CPU attention kernel unavailable (%s); using the PyTorch path", e)
+        return None
+    args = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    args += [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    for name in ("paged_decode_bf16", "paged_decode_f32"):
+        getattr(lib, name).argtypes = args
+        getattr(lib, name).restype = None
+    return lib
+
+
+_KERNELS = {torch.bfloat16: "paged_decode_bf16", torch.float32: "paged_decode_f32"}
+
+
+def paged_decode_available(dtype: torch.dtype) -> bool:
+    return dtype in _KERNELS and _library() is not None
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tables: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Decode attention straight from the blocks. q: (R, H, D); caches (blocks, bs, H_kv, D).
+    Returns (R, H * Dv)."""
+    lib = _library()
+    assert lib is not None
+    R, H, D = q.shape
+    _, bs, Hkv, _ = k_cache.shape
+    Dv = v_cache.shape[-1]
+    q = q.contiguous()
+    tables = tables.contiguous()
+    lens = lens.contiguous()
+    out = torch.empty(R, H, Dv, dtype=q.dtype)
+    getattr(lib, _KERNELS[q.dtype])(
+        q.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        tables.data_ptr(),
+        tables.shape[1],
+        lens.data_ptr(),
+        out.data_ptr(),
+        R,
+        H,
+        Hkv,
+        D,
+        Dv,
+        bs,
+        scale,
+        window or 0,
+        torch.get_num_threads(),
+    )
+    return out.view(R, H * Dv)

@@ -1,0 +1,111 @@
+"""Paged attention equals dense attention on the same keys, and the CPU kernel equals the
+PyTorch reference path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokenmill.layers import cpu_kernels
+from tokenmill.layers.paged_attention import PagedAttention, PagedKVCache, PrefillChunk
+
+
+def _reference(q, k, v, scale, window):
+    """Attention of the last T positions of one sequence, with an explicit mask. q (T,H,D); k,v (S,Hkv,D)."""
+    T, H, _ = q.shape
+    S, Hkv = k.shape[0], k.shape[1]
+    q_pos = torch.arange(S - T, S).unsqueeze(1)
+    k_pos = torch.arange(S).unsqueeze(0)
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= q_pos - k_pos < window
+    kk = k.float().repeat_interleave(H // Hkv, dim=1).transpose(0, 1)
+    vv = v.float().repeat_interleave(H // Hkv, dim=1).transpose(0, 1)
+    out = F.scaled_dot_product_attention(q.float().transpose(0, 1), kk, vv, attn_mask=mask, scale=scale)
+    return out.transpose(0, 1).reshape(T, -1)
+
+
+def _scattered_cache(seqs_k, seqs_v, bs, dtype, seed=0):
+    """Write each sequence's keys into randomly placed blocks; returns cache and block tables."""
+    L, Hkv, D = 1, seqs_k[0].shape[1], seqs_k[0].shape[2]
+    need = sum(-(-k.shape[0] // bs) for k in seqs_k)
+    cache = PagedKVCache(L, need + 5, bs, Hkv, D, dtype, torch.device("cpu"))
+    g = torch.Generator().manual_seed(seed)
+    free = torch.randperm(need + 5, generator=g).tolist()
+    tables = []
+    for k, v in zip(seqs_k, seqs_v):
+        nb = -(-k.shape[0] // bs)
+        table = [free.pop() for _ in range(nb)]
+        tables.append(table)
+        for p in range(k.shape[0]):
+            cache.k[0][table[p // bs], p % bs] = k[p]
+            cache.v[0][table[p // bs], p % bs] = v[p]
+    return cache, tables
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("use_kernels", [False, True])
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (4, 2), (9, 3)])
+def test_mixed_batch_of_decodes_and_chunks_matches_dense(dtype, use_kernels, window, H, Hkv):
+    """Three decode rows and two prefill chunks (one with earlier context) in one flat batch."""
+    torch.manual_seed(0)
+    D, bs, scale = 16, 4, 0.3
+    lens = [9, 1, 22, 13, 6]  # total keys per sequence
+    new = [1, 1, 1, 5, 6]  # tokens computed this pass (the last ``new`` of each sequence)
+    ks = [torch.randn(n, Hkv, D).to(dtype) for n in lens]
+    vs = [torch.randn(n, Hkv, D).to(dtype) for n in lens]
+    qs = [torch.randn(t, H, D).to(dtype) for t in new]
+    # The cache holds only the earlier context; the pass writes the new keys itself.
+    cache, tables = _scattered_cache(ks, vs, bs, dtype)
+    for i, (n, t) in enumerate(zip(lens, new)):
+        for p in range(n - t, n):
+            cache.k[0][tables[i][p // bs], p % bs] = 0
+            cache.v[0][tables[i][p // bs], p % bs] = 0
+    slots, chunks, start = [], [], 0
+    for i, (n, t) in enumerate(zip(lens, new)):
+        slots += [tables[i][p // bs] * bs + p % bs for p in range(n - t, n)]
+        if t > 1:
+            blocks = None if n == t else torch.tensor(tables[i][: -(-n // bs)])
+            chunks.append(PrefillChunk(start, t, n, blocks))
+        start += t
+    width = max(len(t) for t in tables[:3])
+    ctx = PagedAttention(
+        cache,
+        torch.tensor(slots),
+        max(lens),
+        num_decode=3,
+        decode_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables[:3]]),
+        decode_lens=torch.tensor(lens[:3]),
+        chunks=chunks,
+        use_kernels=use_kernels,
+    )
+    q = torch.cat(qs)[None]
+    k_new = torch.cat([k[n - t :] for k, n, t in zip(ks, lens, new)])[None]
+    v_new = torch.cat([v[n - t :] for v, n, t in zip(vs, lens, new)])[None]
+    out = ctx.attend(0, q, k_new, v_new, scale, window)[0]
+    expected = torch.cat([_reference(qq, k, v, scale, window) for qq, k, v in zip(qs, ks, vs)])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not cpu_kernels.paged_decode_available(torch.float32), reason="no C compiler here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernel_equals_reference_on_long_contexts(dtype):
+    torch.manual_seed(1)
+    R, H, Hkv, D, bs, NB = 6, 8, 2, 64, 16, 200
+    kc = torch.randn(NB, bs, Hkv, D).to(dtype)
+    vc = torch.randn(NB, bs, Hkv, D).to(dtype)
+    lens = torch.tensor([1, 17, 300, 511, 64, 129])
+    width = int(-(-lens.max() // bs))
+    tables = torch.randperm(NB)[: R * width].view(R, width)
+    q = torch.randn(R, H, D).to(dtype)
+    cache = PagedKVCache(1, 1, bs, Hkv, D, dtype, torch.device("cpu"))
+    for window in (None, 100):
+        ref = PagedAttention(cache, torch.zeros(0), 0, R, tables, lens, use_kernels=False)._decode(
+            q, kc, vc, 0.125, window
+        )
+        out = cpu_kernels.paged_decode(q, kc, vc, tables, lens, 0.125, window)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
