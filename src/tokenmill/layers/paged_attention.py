@@ -15,7 +15,8 @@ keys and values are written to their slots, then:
 
 The PyTorch code here is the reference path, exact on every device. On CPU the
 decode part runs a C kernel that reads the blocks in place (``cpu_kernels``), since
-the gather copies every key and value once more per layer and step.
+the gather copies every key and value once more per layer and step; on CUDA a
+Triton kernel does the same (``triton_kernels``).
 """
 
 from __future__ import annotations
@@ -139,6 +140,13 @@ class PagedAttention:
         assert self.decode_tables is not None and self.decode_lens is not None
         if self.use_kernels and q.device.type == "cpu" and cpu_kernels.paged_decode_available(q.dtype):
             return cpu_kernels.paged_decode(q, kc, vc, self.decode_tables, self.decode_lens, scale, window)
+        if self.use_kernels and q.device.type == "cuda":
+            from tokenmill.layers import triton_kernels
+
+            if triton_kernels.supports(q.shape[-1], vc.shape[-1], kc.shape[1]):
+                return triton_kernels.paged_decode(
+                    q, kc, vc, self.decode_tables, self.decode_lens, scale, window
+                )
         R, H, D = q.shape
         Hkv = kc.shape[2]
         table = self.decode_tables.view(-1)
