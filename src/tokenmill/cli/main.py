@@ -108,7 +108,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
     g.add_argument(
-        "--max-waiting", type=int, default=1024, help="waiting requests beyond which new ones get 503"
+        "--max-waiting",
+        type=int,
+        default=1024,
+        help="requests that may wait for a seat; beyond them new ones get 503 (0: no queue)",
     )
     g.add_argument(
         "--request-timeout", type=float, default=None, help="seconds after which a request is ended"

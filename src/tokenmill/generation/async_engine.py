@@ -34,6 +34,10 @@ class AsyncEngine:
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.model_config.vocab_size
         self.max_waiting = engine.config.max_waiting
+        self.max_num_seqs = engine.config.max_num_seqs
+        self.block_size = engine.config.block_size
+        self.num_blocks = engine.kv.num_blocks
+        self.kv_cache_bytes = engine.kv_cache_bytes
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._adds: list[tuple] = []
@@ -69,8 +73,7 @@ class AsyncEngine:
         while self._queues and time.monotonic() < end and self.is_running:
             await asyncio.sleep(0.05)
         with self._lock:
-            self._aborts.extend(self._queues)
-            self._stop = True
+            self._stop = True  # the engine thread aborts what is left; streams get an error event
             self._wake.notify()
         thread = self._thread
         if thread is not None:
@@ -89,6 +92,7 @@ class AsyncEngine:
         self._listeners.append(fn)
 
     def abort(self, request_id: str) -> None:
+        """End a request; its stream gets a last output with finish_reason "abort"."""
         with self._lock:
             self._aborts.append(request_id)
             self._wake.notify()
@@ -104,8 +108,11 @@ class AsyncEngine:
         if not self.is_running or not self._accepting:
             raise EngineDeadError(self._dead_reason())
         if self.max_waiting is not None:
+            # A request that finds a free seat never waits long; only a full engine with
+            # max_waiting requests already queued turns new ones away.
             waiting = self._stats.num_waiting + len(self._adds)
-            if waiting >= self.max_waiting:
+            full = self._stats.num_running + waiting >= self.max_num_seqs
+            if full and waiting >= self.max_waiting:
                 raise EngineOverloadedError(
                     f"{waiting} requests are already waiting (the limit is {self.max_waiting}); retry later"
                 )
@@ -154,7 +161,9 @@ class AsyncEngine:
                     aborts, self._aborts = self._aborts, []
                     stop = self._stop
                 for request_id in aborts:
-                    engine.abort(request_id)
+                    group = engine.get_group(request_id)
+                    if engine.abort(request_id) and group is not None:
+                        self._send(request_id, engine.snapshot(group))  # a listener learns why it ended
                 for request_id, ids, params, arrival, deadline in adds:
                     if request_id not in self._queues:
                         continue  # its client left before the engine saw it

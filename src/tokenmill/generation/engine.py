@@ -205,6 +205,9 @@ class LLMEngine:
         self._end_group(group, "abort", time.perf_counter())
         return True
 
+    def get_group(self, request_id: str) -> _Group | None:
+        return self._groups.get(request_id)
+
     def has_unfinished(self) -> bool:
         return bool(self._groups)
 

@@ -19,8 +19,9 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self._blocks: dict[str, list[KVBlock]] = {}
         self._hashes: dict[str, list[int]] = {}
-        #: per request, the registered block holding each of its full blocks' content
-        self._canonical: dict[str, list[KVBlock]] = {}
+        #: per request, the registered block holding each of its full blocks' content, with
+        #: that block's generation then: it may be another request's block, evicted since
+        self._canonical: dict[str, list[tuple[KVBlock, int]]] = {}
 
     @property
     def num_blocks(self) -> int:
@@ -78,7 +79,7 @@ class KVCacheManager:
         if cached:
             self.pool.touch(cached)
             blocks.extend(cached)
-            self._canonical[req.request_id] = list(cached)
+            self._canonical[req.request_id] = [(b, b.generation) for b in cached]
         if need > 0:
             blocks.extend(self.pool.allocate(need))
         return True
@@ -96,13 +97,19 @@ class KVCacheManager:
         blocks = self._blocks[req.request_id]
         ids = req.all_token_ids
         for i in range(len(canonical), num_full):
-            parent = canonical[i - 1] if i else None
+            parent = None
+            if i:
+                parent, generation = canonical[i - 1]
+                if parent.generation != generation:
+                    # The parent was another request's block and has been reused since: its
+                    # identity no longer stands for this prefix, so nothing may chain onto it.
+                    break
             tokens = tuple(ids[i * bs : (i + 1) * bs])
             self.pool.register(blocks[i], hashes[i], tokens, parent)
             same = self.pool.lookup(hashes[i], tokens, parent)
             if same is None:
                 break
-            canonical.append(same)
+            canonical.append((same, same.generation))
 
     def free(self, req: Request) -> None:
         blocks = self._blocks.pop(req.request_id, [])

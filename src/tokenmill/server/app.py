@@ -1,0 +1,112 @@
+"""The FastAPI application: OpenAI routes, health, metrics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.responses import Response
+
+from tokenmill.server.chat import create_chat_completion
+from tokenmill.server.completions import create_completion
+from tokenmill.server.errors import install_handlers
+from tokenmill.server.metrics import CONTENT_TYPE, ServerMetrics
+from tokenmill.server.middleware import DEFAULT_MAX_BODY_BYTES, ApiKeyMiddleware, BodySizeLimitMiddleware
+from tokenmill.server.serving import ServerState, check_model, engine_dead
+
+logger = logging.getLogger("tokenmill.server")
+
+#: seconds the engine gets at shutdown to finish what is still running, then the rest is aborted
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+
+
+def create_app(
+    engine: Any,
+    *,
+    served_model_name: str | None = None,
+    api_key: str | None = None,
+    request_timeout: float | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+) -> FastAPI:
+    """An app serving ``engine`` (an AsyncEngine); its lifespan starts and stops the engine.
+
+    Args:
+        served_model_name: the model name clients send (default: ``engine.model_name``).
+        api_key: when set, ``/v1/*`` requires ``Authorization: Bearer <api_key>``.
+        request_timeout: seconds after which a request ends with finish_reason "timeout".
+        max_body_bytes: larger request bodies are answered 413.
+        shutdown_timeout: seconds in-flight requests get when the app stops.
+    """
+    if request_timeout is not None and not request_timeout > 0:
+        raise ValueError(f"request_timeout must be > 0 seconds, got {request_timeout}")
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    state = ServerState(engine, served_model_name or engine.model_name, request_timeout)
+    metrics = ServerMetrics()
+    engine.add_stats_listener(metrics.on_step)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.shutdown(timeout=shutdown_timeout)
+
+    app = FastAPI(title="tokenmill", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.tokenmill = state
+    app.state.metrics = metrics
+    install_handlers(app)
+    # Starlette runs the last middleware added first: the key is checked before the body is read.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await create_completion(state, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await create_chat_completion(state, request)
+
+    def model_card() -> dict[str, Any]:
+        return {
+            "id": state.model_name,
+            "object": "model",
+            "created": state.created,
+            "owned_by": "tokenmill",
+            "root": engine.model_name,
+            "max_model_len": engine.max_model_len,
+        }
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> JSONResponse:
+        check_model(state, model)
+        return JSONResponse(model_card())
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if engine.is_running:
+            return JSONResponse({"status": "ok"})
+        body = engine_dead().body()
+        return JSONResponse({"status": "unavailable", **body}, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        try:
+            metrics.refresh(engine.stats())
+        except Exception as e:  # a dead engine still has metrics to show
+            logger.warning("could not read engine stats: %s", e)
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
