@@ -92,7 +92,7 @@ def _url(sock: socket.socket) -> str:
     return f"http://{shown}:{port}"
 
 
-def _make_server(config: Any, engine: Any, sock: socket.socket, model_name: str, block_size: int) -> Any:
+def _make_server(config: Any, engine: Any, sock: socket.socket, model_name: str) -> Any:
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -113,8 +113,10 @@ def _make_server(config: Any, engine: Any, sock: socket.socket, model_name: str,
 
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets=sockets)
-            stats = engine.stats()
-            kv = f"KV cache {stats.kv_blocks_total} blocks of {block_size} tokens"
+            kv = (
+                f"KV cache {engine.num_blocks} blocks of {engine.block_size} tokens, "
+                f"{engine.kv_cache_bytes / 2**20:.0f} MiB"
+            )
             logger.info(
                 "tokenmill serving %s at %s (max_model_len %d, %s)",
                 model_name,
@@ -150,7 +152,7 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=DRAIN_TIMEOUT,
         lifespan="on",
     )
-    server = _make_server(config, engine, sock, model_name, args.block_size)
+    server = _make_server(config, engine, sock, model_name)
     try:
         server.run(sockets=[sock])
     finally:
