@@ -106,9 +106,9 @@ class DisconnectWatcher:
 async def next_or_disconnect(stream: AsyncIterator[Any], watcher: DisconnectWatcher) -> Any:
     """The stream's next item, or None when it ended or the client left first.
 
-    The engine sends nothing more for a request once it is aborted, so waiting on the
-    stream alone would wait forever after a disconnect; the pending step is cancelled
-    instead, which ends the engine stream (and aborts the request).
+    Racing the stream against the watcher ends the wait as soon as the client leaves,
+    without waiting for the engine's next step; the pending step is cancelled, which
+    ends the engine stream (and aborts the request).
     """
     step = asyncio.ensure_future(stream.__anext__())
     try:

@@ -27,11 +27,33 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+/* exp(x) for x <= 0, vectorizable (libm's expf is not, and softmax is most of the work).
+ * 2^t = 2^n * 2^f with n = trunc(t) and f in (-1, 0]; 2^f is a degree-6 least-squares
+ * fit on [-1, 0] with relative error below 2e-7 in float32. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float t = x * 1.44269504088896341f;
+    const int n = (int)t;
+    const float f = t - (float)n;
+    float p = 1.0938758e-4f;
+    p = p * f + 1.2757171e-3f;
+    p = p * f + 9.5800603e-3f;
+    p = p * f + 5.5491037e-2f;
+    p = p * f + 2.4022436e-1f;
+    p = p * f + 6.9314705e-1f;
+    p = p * f + 1.0f;
+    const uint32_t bits = (uint32_t)(n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
 #define DEFINE_DECODE(NAME, T, LOAD, STORE)                                                          \
     void NAME(const T *q, const T *k_cache, const T *v_cache, const int64_t *tables, int64_t width,   \
               const int64_t *lens, T *out, int R, int H, int Hkv, int D, int Dv, int block_size,      \
               float scale, int window, int nthreads) {                                                \
         const int g = H / Hkv;                                                                        \
+        const int64_t kstride = (int64_t)Hkv * D, vstride = (int64_t)Hkv * Dv;                        \
         _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                       \
         for (int task = 0; task < R * Hkv; ++task) {                                                  \
             const int r = task / Hkv, hk = task % Hkv;                                                \
@@ -40,49 +62,60 @@ static inline uint16_t f32_to_bf16(float f) {
             const int64_t n = len - first;                                                            \
             float *qf = (float *)malloc(sizeof(float) * (size_t)g * D);                               \
             float *sc = (float *)malloc(sizeof(float) * (size_t)g * (n > 0 ? n : 1));                 \
-            float *acc = (float *)malloc(sizeof(float) * (size_t)g * Dv);                             \
+            float *acc = (float *)calloc((size_t)g * Dv, sizeof(float));                              \
+            float *kf = (float *)malloc(sizeof(float) * (size_t)(D > Dv ? D : Dv));                   \
             for (int j = 0; j < g; ++j)                                                               \
                 for (int d = 0; d < D; ++d)                                                           \
                     qf[j * D + d] = LOAD(q[((int64_t)r * H + hk * g + j) * D + d]) * scale;           \
             const int64_t *table = tables + (int64_t)r * width;                                       \
-            for (int64_t t = 0; t < n; ++t) {                                                         \
-                const int64_t pos = first + t;                                                        \
-                const T *kp = k_cache + ((table[pos / block_size] * block_size + pos % block_size)     \
-                                         * Hkv + hk) * (int64_t)D;                                    \
-                float kf[D];                                                                          \
-                _Pragma("omp simd")                                                                   \
-                for (int d = 0; d < D; ++d) kf[d] = LOAD(kp[d]);                                      \
-                for (int j = 0; j < g; ++j) {                                                         \
-                    float s = 0.f;                                                                    \
-                    const float *qj = qf + j * D;                                                     \
-                    _Pragma("omp simd reduction(+ : s)")                                              \
-                    for (int d = 0; d < D; ++d) s += qj[d] * kf[d];                                   \
-                    sc[j * n + t] = s;                                                                \
+            /* Scores, block by block: no division per token. */                                     \
+            for (int64_t b = first / block_size, t = 0; b * block_size < len; ++b) {                  \
+                const int64_t p0 = b * block_size;                                                    \
+                const int o0 = p0 < first ? (int)(first - p0) : 0;                                   \
+                const int o1 = len - p0 < block_size ? (int)(len - p0) : block_size;                  \
+                const T *kb = k_cache + table[b] * block_size * kstride + (int64_t)hk * D;            \
+                for (int o = o0; o < o1; ++o, ++t) {                                                  \
+                    const T *kp = kb + o * kstride;                                                   \
+                    _Pragma("omp simd")                                                               \
+                    for (int d = 0; d < D; ++d) kf[d] = LOAD(kp[d]);                                  \
+                    for (int j = 0; j < g; ++j) {                                                     \
+                        const float *qj = qf + j * D;                                                 \
+                        float s = 0.f;                                                                \
+                        _Pragma("omp simd reduction(+ : s)")                                          \
+                        for (int d = 0; d < D; ++d) s += qj[d] * kf[d];                               \
+                        sc[j * n + t] = s;                                                            \
+                    }                                                                                 \
                 }                                                                                     \
             }                                                                                         \
             for (int j = 0; j < g; ++j) {                                                             \
+                float *sj = sc + j * n;                                                               \
                 float m = -INFINITY, sum = 0.f;                                                       \
-                for (int64_t t = 0; t < n; ++t) m = sc[j * n + t] > m ? sc[j * n + t] : m;            \
+                _Pragma("omp simd reduction(max : m)")                                                \
+                for (int64_t t = 0; t < n; ++t) m = sj[t] > m ? sj[t] : m;                            \
+                _Pragma("omp simd reduction(+ : sum)")                                                \
                 for (int64_t t = 0; t < n; ++t) {                                                     \
-                    sc[j * n + t] = expf(sc[j * n + t] - m);                                          \
-                    sum += sc[j * n + t];                                                             \
+                    sj[t] = exp_nonpositive(sj[t] - m);                                               \
+                    sum += sj[t];                                                                     \
                 }                                                                                     \
                 const float inv = sum > 0.f ? 1.f / sum : 0.f;                                        \
-                for (int64_t t = 0; t < n; ++t) sc[j * n + t] *= inv;                                 \
-            }                                                                                         \
-            memset(acc, 0, sizeof(float) * (size_t)g * Dv);                                           \
-            for (int64_t t = 0; t < n; ++t) {                                                         \
-                const int64_t pos = first + t;                                                        \
-                const T *vp = v_cache + ((table[pos / block_size] * block_size + pos % block_size)     \
-                                         * Hkv + hk) * (int64_t)Dv;                                   \
-                float vf[Dv];                                                                         \
                 _Pragma("omp simd")                                                                   \
-                for (int d = 0; d < Dv; ++d) vf[d] = LOAD(vp[d]);                                     \
-                for (int j = 0; j < g; ++j) {                                                         \
-                    const float p = sc[j * n + t];                                                    \
-                    float *aj = acc + j * Dv;                                                         \
+                for (int64_t t = 0; t < n; ++t) sj[t] *= inv;                                         \
+            }                                                                                         \
+            for (int64_t b = first / block_size, t = 0; b * block_size < len; ++b) {                  \
+                const int64_t p0 = b * block_size;                                                    \
+                const int o0 = p0 < first ? (int)(first - p0) : 0;                                   \
+                const int o1 = len - p0 < block_size ? (int)(len - p0) : block_size;                  \
+                const T *vb = v_cache + table[b] * block_size * vstride + (int64_t)hk * Dv;           \
+                for (int o = o0; o < o1; ++o, ++t) {                                                  \
+                    const T *vp = vb + o * vstride;                                                   \
                     _Pragma("omp simd")                                                               \
-                    for (int d = 0; d < Dv; ++d) aj[d] += p * vf[d];                                  \
+                    for (int d = 0; d < Dv; ++d) kf[d] = LOAD(vp[d]);                                 \
+                    for (int j = 0; j < g; ++j) {                                                     \
+                        const float p = sc[j * n + t];                                                \
+                        float *aj = acc + j * Dv;                                                     \
+                        _Pragma("omp simd")                                                           \
+                        for (int d = 0; d < Dv; ++d) aj[d] += p * kf[d];                              \
+                    }                                                                                 \
                 }                                                                                     \
             }                                                                                         \
             for (int j = 0; j < g; ++j)                                                               \
@@ -91,6 +124,7 @@ static inline uint16_t f32_to_bf16(float f) {
             free(qf);                                                                                 \
             free(sc);                                                                                 \
             free(acc);                                                                                \
+            free(kf);                                                                                 \
         }                                                                                             \
     }
 
