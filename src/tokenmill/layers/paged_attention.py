@@ -21,8 +21,10 @@ Triton kernel does the same (``triton_kernels``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -46,8 +48,10 @@ class PagedKVCache:
     ) -> None:
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         vshape = (num_blocks, block_size, num_kv_heads, v_head_dim or head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(vshape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Zeroed, not empty: attention reads whole blocks, and a NaN left in memory past a
+        # sequence's end would survive its zero weight (0 * NaN).
+        self.k = [_zeros(shape, dtype, device) for _ in range(num_layers)]
+        self.v = [_zeros(vshape, dtype, device) for _ in range(num_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
 
     @staticmethod
@@ -64,6 +68,15 @@ class PagedKVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed tensor; on CPU from calloc'd pages, which the OS maps only once touched, so
+    a large pool costs memory as it fills rather than all at start-up."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 @dataclass
