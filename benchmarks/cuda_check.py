@@ -58,14 +58,11 @@ def correctness(device: str) -> dict:
     return report
 
 
-def speed(device: str, rounds: int) -> dict:
+def smollm2_shape_config(**extra):
+    """A Llama config with SmolLM2-135M's shapes (the weights are random)."""
     import transformers
 
-    from tokenmill.generation.runner import ModelRunner
-    from tokenmill.layers.attention import DenseAttention
-    from tokenmill.weights.model_loader import _finalize
-
-    cfg = transformers.LlamaConfig(
+    return transformers.LlamaConfig(
         vocab_size=49152,
         hidden_size=576,
         intermediate_size=1536,
@@ -75,7 +72,18 @@ def speed(device: str, rounds: int) -> dict:
         max_position_embeddings=8192,
         rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
         tie_word_embeddings=True,
+        **extra,
     )
+
+
+def speed(device: str, rounds: int) -> dict:
+    import transformers
+
+    from tokenmill.generation.runner import ModelRunner
+    from tokenmill.layers.attention import DenseAttention
+    from tokenmill.weights.model_loader import _finalize
+
+    cfg = smollm2_shape_config()
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).to(device).eval()
     import tiny

@@ -82,20 +82,9 @@ def make_smollm2_shape(tokenizer_dir: str) -> str:
     import shutil
 
     import transformers
+    from cuda_check import smollm2_shape_config
 
-    cfg = transformers.LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=8192,
-        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    cfg = smollm2_shape_config(bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
     d = tempfile.mkdtemp()
