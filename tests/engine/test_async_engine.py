@@ -110,3 +110,27 @@ def test_a_failing_step_ends_every_stream_with_the_reason(llama_dir, monkeypatch
         assert not engine.is_running
 
     asyncio.run(main())
+
+
+def test_a_request_the_engine_cannot_add_fails_alone(llama_dir, monkeypatch):
+    engine = _engine(llama_dir)
+    real = engine.engine.add_request
+
+    def picky(request_id, *args, **kwargs):
+        if request_id == "bad":
+            raise RuntimeError("cannot build this one")
+        return real(request_id, *args, **kwargs)
+
+    monkeypatch.setattr(engine.engine, "add_request", picky)
+
+    async def main():
+        await engine.start()
+        with pytest.raises(ValueError, match="cannot build this one"):
+            async for _ in engine.generate([3, 4, 5], _params(engine, 3, 3), "bad"):
+                pass
+        outs = [out async for out in engine.generate([3, 4, 5], _params(engine, 3, 3), "good")]
+        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 3
+        assert engine.is_running
+        await engine.shutdown(timeout=5)
+
+    asyncio.run(main())

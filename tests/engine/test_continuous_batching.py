@@ -143,11 +143,27 @@ def test_n_samples_share_the_prompt_blocks(loaded):
         SamplingParams(n=3, max_tokens=5, temperature=1.0, seed=1, ignore_eos=True), len(prompt)
     )
     engine.add_request("r", prompt, p)
-    engine.step()  # the first sample computes the prompt; the others wait for the budget
+    engine.step()  # the first sample computes the prompt alone and samples
+    assert [r.request_id for r in engine.scheduler.running] == ["r#0"]
+    assert engine.last_stats.prefix_cache_hits == 0
+    engine.step()  # the siblings join and find the prompt's 8 full blocks cached
+    assert engine.last_stats.prefix_cache_hits == 2 * 32
+    shared = set(engine.kv.block_ids("r#0")[:8])
+    assert shared == set(engine.kv.block_ids("r#1")[:8]) == set(engine.kv.block_ids("r#2")[:8])
+    assert all(engine.kv.pool.blocks[b].ref_cnt == 3 for b in shared)
     while engine.has_unfinished():
         groups = engine.step()
     out = engine.snapshot(groups[0])
     assert len(out.outputs) == 3 and all(len(c.token_ids) == 5 for c in out.outputs)
+    assert engine.kv.pool.num_used == 0
+
+
+def test_aborting_a_group_whose_siblings_wait_frees_everything(loaded):
+    engine = _engine(loaded)
+    p = engine.resolve_params(SamplingParams(n=4, max_tokens=5, ignore_eos=True), 30)
+    engine.add_request("r", list(range(3, 33)), p)
+    assert engine.abort("r")  # before any step: only the first sample was queued
+    assert not engine.has_unfinished() and not engine.scheduler.has_unfinished()
     assert engine.kv.pool.num_used == 0
 
 

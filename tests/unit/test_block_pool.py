@@ -535,3 +535,19 @@ def test_a_block_registered_after_its_parent_was_reused_is_not_found_through_the
     # Block 2 was computed after [1, 2, 3, 4], never after [7, 7, 7, 7].
     assert ids(kv.find_cached_prefix(make("u", [7, 7, 7, 7, 5, 6, 7, 8, 0]))) == [0]
     assert kv.find_cached_prefix(make("v", [1, 2, 3, 4, 5, 6, 7, 8, 0])) == []
+
+
+def test_a_stale_entry_gives_its_hash_to_the_live_chain():
+    pool = BlockPool(4)
+    parent, child = pool.allocate(2)
+    pool.register(parent, 11, (1, 2), None)
+    pool.register(child, 22, (3, 4), parent)
+    pool.free([child, parent])
+    # The parent is handed out again (its generation moves on); the child stays cached.
+    (reused,) = [b for b in pool.allocate(4) if b is parent]
+    assert pool.lookup(22, (3, 4), reused) is None
+    pool.free([b for b in pool.blocks if b.ref_cnt])
+    new_parent, new_child = pool.allocate(2)
+    pool.register(new_parent, 11, (1, 2), None)
+    pool.register(new_child, 22, (3, 4), new_parent)
+    assert pool.lookup(22, (3, 4), new_parent) is new_child

@@ -254,3 +254,14 @@ def test_generation_config_defaults_reach_generate(tmp_path_factory, llm):
         for s in (1, 2)
     }
     assert len(sampled) == 2
+
+
+def test_a_top_k_beyond_the_vocabulary_keeps_every_token():
+    assert SamplingParams(top_k=2**70).resolved({}, 512).top_k == 0
+    assert SamplingParams(top_k=511).resolved({}, 512).top_k == 511
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 2**80])
+def test_a_seed_outside_the_generator_range_is_refused(seed):
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
+        SamplingParams(seed=seed)

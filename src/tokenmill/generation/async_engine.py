@@ -120,8 +120,12 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already running")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = (loop, queue)
         with self._lock:
+            # Checked under the lock the engine thread takes to fail: a request is either
+            # refused here or seen (and told) by the thread's error handler.
+            if self._error is not None or self._stop:
+                raise EngineDeadError(self._dead_reason())
+            self._queues[request_id] = (loop, queue)
             self._adds.append((request_id, list(prompt_ids), params, time.perf_counter(), deadline))
             self._wake.notify()
         finished = False
@@ -169,17 +173,18 @@ class AsyncEngine:
                         continue  # its client left before the engine saw it
                     try:
                         engine.add_request(request_id, ids, params, arrival_time=arrival, deadline=deadline)
-                    except ValueError as e:
-                        self._send(request_id, e)
+                    except Exception as e:  # one bad request fails alone, not the engine
+                        self._send(request_id, e if isinstance(e, ValueError) else ValueError(str(e)))
                 if stop:
                     for request_id in list(self._queues):
                         engine.abort(request_id)
-                    self._publish(engine.step() if engine.has_unfinished() else [])
+                    self._publish(engine.step())  # reports the aborts; runs nothing
                     return
                 self._publish(engine.step())
         except BaseException as e:  # a failed step: every stream learns why, the engine stops
             log.exception("engine step failed")
-            self._error = e
+            with self._lock:
+                self._error = e
             for request_id in list(self._queues):
                 self._send(request_id, EngineDeadError(f"the engine stopped after an error: {e}"))
         finally:

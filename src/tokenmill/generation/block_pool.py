@@ -115,8 +115,18 @@ class BlockPool:
     ) -> None:
         """Make a computed full block findable; a block with the same content already
         registered wins, and this one stays private to its request."""
-        if not self.enable_caching or block.block_hash is not None or block_hash in self._cached:
+        if not self.enable_caching or block.block_hash is not None:
             return
+        held = self._cached.get(block_hash)
+        if held is not None:
+            stale = (
+                held.parent_id is not None
+                and self.blocks[held.parent_id].generation != held.parent_generation
+            )
+            if not stale:
+                return  # the same content is cached already (or a live collision keeps its place)
+            # Its parent was reused, so nothing can reach it any more: the live chain takes the slot.
+            held.block_hash = held.tokens = held.parent_id = None
         block.block_hash, block.tokens = block_hash, tokens
         block.parent_id = parent.block_id if parent is not None else None
         block.parent_generation = parent.generation if parent is not None else 0

@@ -10,7 +10,7 @@ prompt's cached blocks.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -77,7 +77,8 @@ class _Group:
     requests: list[Request]
     deadline: float | None = None
     num_finished: int = 0
-    reported: set = field(default_factory=set)
+    #: samples 2..n not yet handed to the scheduler (they wait for the prompt's blocks)
+    siblings_pending: bool = False
 
     @property
     def finished(self) -> bool:
@@ -116,6 +117,11 @@ class LLMEngine:
                 "MiB or lower max_model_len"
             )
         self.kv_cache_bytes = num_blocks * per_block
+        if self.device.type == "cpu":
+            # Build (or load) the CPU attention kernel now, not inside the first request.
+            from tokenmill.layers import cpu_kernels
+
+            cpu_kernels.paged_decode_available(self.dtype)
         self.cache = self.runner.new_paged_cache(num_blocks, bs)
         self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -192,10 +198,16 @@ class LLMEngine:
             seq.stops = StopStringMatcher(params.stop, params.include_stop_str_in_output)
             if params.logprobs is not None:
                 seq.logprobs = []
-            req = Request(f"{request_id}#{j}", list(prompt_ids), len(prompt_ids), now, (group, seq))
-            group.requests.append(req)
-            self.scheduler.add(req)
+            group.requests.append(
+                Request(f"{request_id}#{j}", list(prompt_ids), len(prompt_ids), now, (group, seq))
+            )
+        # Nothing reaches the scheduler until every sample is built, so a failure leaves no
+        # orphan holding blocks. The first sample goes alone: its siblings follow once the
+        # prompt is computed, and then find its blocks in the prefix cache instead of
+        # computing the same prompt beside it.
         self._groups[request_id] = group
+        self.scheduler.add(group.requests[0])
+        group.siblings_pending = len(group.requests) > 1
 
     def abort(self, request_id: str) -> bool:
         """End a request now and free its blocks. Returns False when it is unknown."""
@@ -232,12 +244,10 @@ class LLMEngine:
             if group.metrics.first_scheduled_time is None:
                 group.metrics.first_scheduled_time = now
                 stats.queue_times.append(now - group.metrics.arrival_time)
+                stats.prompt_tokens += len(group.prompt_ids)  # once per request, as vLLM counts
         if not out.empty:
             tables = {s.request.request_id: self.kv.block_ids(s.request.request_id) for s in out.scheduled}
             logits, samplers = self.runner.execute(self.cache, out.scheduled, tables)
-            for s in out.scheduled:
-                c, P = s.request.num_computed_tokens, s.request.num_prompt_tokens
-                stats.prompt_tokens += max(0, min(c + s.num_new_tokens, P) - c)
             self.scheduler.update(out)
             if samplers:
                 self._sample(logits, [s.request for s in samplers], changed, stats)
@@ -265,6 +275,10 @@ class LLMEngine:
         for req, seq, token, logprob in zip(reqs, seqs, result.tokens, result.logprobs):
             group: _Group = req.payload[0]
             req.append_token(token)
+            if group.siblings_pending:
+                group.siblings_pending = False
+                for sibling in group.requests[1:]:
+                    self.scheduler.add(sibling)
             m = group.metrics
             if m.first_token_time is None:
                 m.first_token_time = now
@@ -287,7 +301,7 @@ class LLMEngine:
             m.output_tokens = max(len(r.payload[1].output_ids) for r in group.requests)
             m.finalize()
             self._groups.pop(group.request_id, None)
-            reason = group.requests[0].payload[1].finish_reason or "abort"
+            reason = req.payload[1].finish_reason or "abort"  # the sample that ended the group
             stats.finished.append(
                 FinishedRequestStats(
                     reason,

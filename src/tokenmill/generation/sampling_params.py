@@ -117,8 +117,10 @@ class SamplingParams:
                 _check_range(f"logit_bias[{tok}]", v, -100.0, 100.0)
                 clean[tok] = float(v)
             self.logit_bias = clean
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63
+        ):
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {repr(self.seed)[:40]}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is not None:
@@ -160,8 +162,8 @@ class SamplingParams:
                     values[key] = model_defaults[hf_key]
                 else:
                     values[key] = sampling_defaults[key]
-        if values["top_k"] == -1:
-            values["top_k"] = 0
+        if values["top_k"] == -1 or values["top_k"] >= vocab_size:
+            values["top_k"] = 0  # keeping every token is no filter at all
         for tok in list((values["logit_bias"] or {}).keys()) + list(values["stop_token_ids"] or []):
             if not 0 <= tok < vocab_size:
                 raise ValueError(f"token id {tok} is outside the vocabulary [0, {vocab_size})")

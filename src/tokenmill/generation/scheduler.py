@@ -130,8 +130,8 @@ class Scheduler:
         """Remove a request (finished or aborted) wherever it is and free its blocks."""
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
-        elif req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
-            self.waiting.remove(req)
+        elif req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED) and req in self.waiting:
+            self.waiting.remove(req)  # (a request the engine never queued is not there)
         req.status = RequestStatus.FINISHED
         self.kv.forget(req)
 

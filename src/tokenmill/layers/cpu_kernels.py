@@ -73,7 +73,7 @@ def _library() -> ctypes.CDLL | None:
     args += [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
     for name in ("paged_decode_bf16", "paged_decode_f32"):
         getattr(lib, name).argtypes = args
-        getattr(lib, name).restype = None
+        getattr(lib, name).restype = ctypes.c_int
     return lib
 
 
@@ -94,17 +94,31 @@ def paged_decode(
     window: int | None,
 ) -> torch.Tensor:
     """Decode attention straight from the blocks. q: (R, H, D); caches (blocks, bs, H_kv, D).
-    Returns (R, H * Dv)."""
+    Returns (R, H * Dv), or None when the kernel could not run (the caller falls back)."""
     lib = _library()
     assert lib is not None
     R, H, D = q.shape
     _, bs, Hkv, _ = k_cache.shape
     Dv = v_cache.shape[-1]
+    # The kernel trusts its pointers: everything it reads is checked here.
+    if not (
+        k_cache.dtype == v_cache.dtype == q.dtype
+        and k_cache.is_contiguous()
+        and v_cache.is_contiguous()
+        and k_cache.shape[:3] == v_cache.shape[:3]
+        and k_cache.shape[-1] == D
+        and tables.dtype == lens.dtype == torch.int64
+        and tables.shape[0] == lens.shape[0] == R
+        and H % Hkv == 0
+    ):
+        raise ValueError("paged_decode: q, caches, tables and lengths do not agree")
+    if R and (int(lens.max()) > tables.shape[1] * bs or int(tables.max()) >= k_cache.shape[0]):
+        raise ValueError("paged_decode: a length or block id is outside the cache")
     q = q.contiguous()
     tables = tables.contiguous()
     lens = lens.contiguous()
     out = torch.empty(R, H, Dv, dtype=q.dtype)
-    getattr(lib, _KERNELS[q.dtype])(
+    failed = getattr(lib, _KERNELS[q.dtype])(
         q.data_ptr(),
         k_cache.data_ptr(),
         v_cache.data_ptr(),
@@ -122,4 +136,7 @@ def paged_decode(
         window or 0,
         torch.get_num_threads(),
     )
+    if failed:
+        log.warning("CPU attention kernel could not allocate its scratch; using the PyTorch path")
+        return None
     return out.view(R, H * Dv)

@@ -152,7 +152,9 @@ class PagedAttention:
         """q: (R, H, D) one query per row. Returns (R, H * Dv)."""
         assert self.decode_tables is not None and self.decode_lens is not None
         if self.use_kernels and q.device.type == "cpu" and cpu_kernels.paged_decode_available(q.dtype):
-            return cpu_kernels.paged_decode(q, kc, vc, self.decode_tables, self.decode_lens, scale, window)
+            out = cpu_kernels.paged_decode(q, kc, vc, self.decode_tables, self.decode_lens, scale, window)
+            if out is not None:
+                return out
         if self.use_kernels and q.device.type == "cuda":
             from tokenmill.layers import triton_kernels
 

@@ -113,6 +113,8 @@ def _make_server(config: Any, engine: Any, sock: socket.socket, model_name: str)
 
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets=sockets)
+            if self.should_exit:  # the lifespan failed; uvicorn has said why
+                return
             kv = (
                 f"KV cache {engine.num_blocks} blocks of {engine.block_size} tokens, "
                 f"{engine.kv_cache_bytes / 2**20:.0f} MiB"
@@ -157,4 +159,4 @@ def serve(args: argparse.Namespace) -> int:
         server.run(sockets=[sock])
     finally:
         sock.close()
-    return 0
+    return 0 if server.started else 1  # a clean, drained shutdown is a success

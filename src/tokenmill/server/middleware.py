@@ -40,7 +40,9 @@ class ApiKeyMiddleware:
             message = "no API key: send it as 'Authorization: Bearer <key>'"
         else:
             scheme, _, given = auth.partition(" ")
-            if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.key):
+            # Headers arrive as bytes decoded latin-1; encoding back the same way recovers the
+            # bytes sent, so a UTF-8 key compares equal to its UTF-8 encoding.
+            if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("latin-1"), self.key):
                 await self.app(scope, receive, send)
                 return
             message = "incorrect API key"

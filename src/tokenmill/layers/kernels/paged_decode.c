@@ -31,6 +31,7 @@ static inline uint16_t f32_to_bf16(float f) {
  * 2^t = 2^n * 2^f with n = trunc(t) and f in (-1, 0]; 2^f is a degree-6 least-squares
  * fit on [-1, 0] with relative error below 2e-7 in float32. */
 static inline float exp_nonpositive(float x) {
+    if (x != x) return x; /* NaN in, NaN out, as the reference path gives */
     x = x < -87.0f ? -87.0f : x;
     const float t = x * 1.44269504088896341f;
     const int n = (int)t;
@@ -49,10 +50,11 @@ static inline float exp_nonpositive(float x) {
 }
 
 #define DEFINE_DECODE(NAME, T, LOAD, STORE)                                                          \
-    void NAME(const T *q, const T *k_cache, const T *v_cache, const int64_t *tables, int64_t width,   \
-              const int64_t *lens, T *out, int R, int H, int Hkv, int D, int Dv, int block_size,      \
-              float scale, int window, int nthreads) {                                                \
+    int NAME(const T *q, const T *k_cache, const T *v_cache, const int64_t *tables, int64_t width,    \
+             const int64_t *lens, T *out, int R, int H, int Hkv, int D, int Dv, int block_size,       \
+             float scale, int window, int nthreads) {                                                 \
         const int g = H / Hkv;                                                                        \
+        int failed = 0;                                                                               \
         const int64_t kstride = (int64_t)Hkv * D, vstride = (int64_t)Hkv * Dv;                        \
         _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                       \
         for (int task = 0; task < R * Hkv; ++task) {                                                  \
@@ -64,6 +66,15 @@ static inline float exp_nonpositive(float x) {
             float *sc = (float *)malloc(sizeof(float) * (size_t)g * (n > 0 ? n : 1));                 \
             float *acc = (float *)calloc((size_t)g * Dv, sizeof(float));                              \
             float *kf = (float *)malloc(sizeof(float) * (size_t)(D > Dv ? D : Dv));                   \
+            if (!qf || !sc || !acc || !kf) {                                                          \
+                _Pragma("omp atomic write")                                                           \
+                failed = 1; /* reported to the caller, which falls back to PyTorch */                \
+                free(qf);                                                                             \
+                free(sc);                                                                             \
+                free(acc);                                                                            \
+                free(kf);                                                                             \
+                continue;                                                                             \
+            }                                                                                         \
             for (int j = 0; j < g; ++j)                                                               \
                 for (int d = 0; d < D; ++d)                                                           \
                     qf[j * D + d] = LOAD(q[((int64_t)r * H + hk * g + j) * D + d]) * scale;           \
@@ -126,6 +137,7 @@ static inline float exp_nonpositive(float x) {
             free(acc);                                                                                \
             free(kf);                                                                                 \
         }                                                                                             \
+        return failed;                                                                                \
     }
 
 #define F32_LOAD(x) (x)
