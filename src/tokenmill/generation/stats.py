@@ -20,6 +20,7 @@ class StepStats:
     num_waiting: int = 0
     kv_usage: float = 0.0
     kv_blocks_used: int = 0
+    #: prompt tokens of requests first scheduled this step (each request's prompt once)
     prompt_tokens: int = 0
     generation_tokens: int = 0
     num_preemptions: int = 0
