@@ -71,3 +71,38 @@ def split_linears(model: nn.Module, parts: int) -> None:
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Embedding) and id(child.weight) in replaced:
                 setattr(module, child_name, TiedSplitEmbedding(replaced[id(child.weight)]))
+
+
+class OneDNNPackedLinear(nn.Linear):
+    """A CPU bfloat16 ``nn.Linear`` that also keeps its weight pre-packed for oneDNN.
+
+    With a plain weight, oneDNN reorders it into its blocked layout on every call; for
+    the few rows of a batched decode step that reorder costs more than the product.
+    Packing once at load time removes it. A single row still takes the plain weight
+    (ATen's GEMV, faster there), so the layer holds both.
+    """
+
+    packed: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        rows = x.numel() // self.in_features
+        if rows <= 1 or not x.is_contiguous():
+            return nn.functional.linear(x, self.weight, self.bias)
+        out = torch.ops.mkldnn._linear_pointwise(
+            x.reshape(rows, self.in_features), self.packed, self.bias, "none", [], ""
+        )
+        return out.view(*lead, self.out_features)
+
+
+def pack_linears_for_onednn(model: nn.Module, rows_hint: int = 16) -> bool:
+    """Pre-pack every bf16 ``nn.Linear`` of a CPU model for oneDNN. Returns False, changing
+    nothing, where this PyTorch build has no packing op."""
+    pack = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+    if pack is None or not torch.backends.mkldnn.is_available():
+        return False
+    for module in model.modules():
+        if type(module) is nn.Linear and module.weight.dtype == torch.bfloat16:
+            module.packed = pack(module.weight.detach(), rows_hint)
+            module.__class__ = OneDNNPackedLinear
+    return True

@@ -79,10 +79,14 @@ def _finalize(model: nn.Module, device: torch.device) -> nn.Module:
     dtype = next(model.parameters()).dtype
     if device.type == "cpu" and dtype == torch.float32:
         # PyTorch's fp32 GEMV is single-threaded; split layers run on every core.
-        # (bf16 is handled in ModelRunner.forward.)
         from tokenmill.layers.linear import split_linears
 
         split_linears(model, torch.get_num_threads())
+    elif device.type == "cpu" and dtype == torch.bfloat16:
+        # oneDNN reorders a plain bf16 weight on every call; pack each one once instead.
+        from tokenmill.layers.linear import pack_linears_for_onednn
+
+        pack_linears_for_onednn(model)
     return model
 
 
