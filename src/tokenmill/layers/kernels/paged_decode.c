@@ -56,7 +56,7 @@ static inline float exp_nonpositive(float x) {
         const int g = H / Hkv;                                                                        \
         int failed = 0;                                                                               \
         const int64_t kstride = (int64_t)Hkv * D, vstride = (int64_t)Hkv * Dv;                        \
-        _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                       \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                       \
         for (int task = 0; task < R * Hkv; ++task) {                                                  \
             const int r = task / Hkv, hk = task % Hkv;                                                \
             const int64_t len = lens[r];                                                              \
