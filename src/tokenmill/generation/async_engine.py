@@ -108,11 +108,11 @@ class AsyncEngine:
         if not self.is_running or not self._accepting:
             raise EngineDeadError(self._dead_reason())
         if self.max_waiting is not None:
-            # A request that finds a free seat never waits long; only a full engine with
-            # max_waiting requests already queued turns new ones away.
-            waiting = self._stats.num_waiting + len(self._adds)
-            full = self._stats.num_running + waiting >= self.max_num_seqs
-            if full and waiting >= self.max_waiting:
+            # Requests in flight beyond the engine's seats are waiting; this loop alone adds
+            # and removes them, so the count is exact. A request that finds a free seat is
+            # never refused.
+            waiting = len(self._queues) - self.max_num_seqs
+            if waiting >= self.max_waiting:
                 raise EngineOverloadedError(
                     f"{waiting} requests are already waiting (the limit is {self.max_waiting}); retry later"
                 )
