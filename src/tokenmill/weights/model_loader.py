@@ -84,9 +84,15 @@ def _finalize(model: nn.Module, device: torch.device) -> nn.Module:
         split_linears(model, torch.get_num_threads())
     elif device.type == "cpu" and dtype == torch.bfloat16:
         # oneDNN reorders a plain bf16 weight on every call; pack each one once instead.
+        # The packed copy doubles the linear weights' memory, so only where that is cheap.
         from tokenmill.layers.linear import pack_linears_for_onednn
+        from tokenmill.utils.devices import available_memory_bytes
 
-        pack_linears_for_onednn(model)
+        linear_bytes = sum(
+            m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Linear)
+        )
+        if linear_bytes < available_memory_bytes(device) // 4:
+            pack_linears_for_onednn(model)
     return model
 
 
