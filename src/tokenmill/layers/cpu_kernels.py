@@ -92,9 +92,12 @@ def paged_decode(
     lens: torch.Tensor,
     scale: float,
     window: int | None,
-) -> torch.Tensor:
+    check_bounds: bool = True,
+) -> torch.Tensor | None:
     """Decode attention straight from the blocks. q: (R, H, D); caches (blocks, bs, H_kv, D).
-    Returns (R, H * Dv), or None when the kernel could not run (the caller falls back)."""
+    Returns (R, H * Dv), or None when the kernel could not run (the caller falls back).
+    ``check_bounds=False`` skips the length and block-id range check (two host syncs) for
+    tables already checked against a cache of the same shape."""
     lib = _library()
     assert lib is not None
     R, H, D = q.shape
@@ -112,7 +115,11 @@ def paged_decode(
         and H % Hkv == 0
     ):
         raise ValueError("paged_decode: q, caches, tables and lengths do not agree")
-    if R and (int(lens.max()) > tables.shape[1] * bs or int(tables.max()) >= k_cache.shape[0]):
+    if (
+        check_bounds
+        and R
+        and (int(lens.max()) > tables.shape[1] * bs or int(tables.max()) >= k_cache.shape[0])
+    ):
         raise ValueError("paged_decode: a length or block id is outside the cache")
     q = q.contiguous()
     tables = tables.contiguous()

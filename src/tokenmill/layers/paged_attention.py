@@ -152,7 +152,12 @@ class PagedAttention:
         """q: (R, H, D) one query per row. Returns (R, H * Dv)."""
         assert self.decode_tables is not None and self.decode_lens is not None
         if self.use_kernels and q.device.type == "cpu" and cpu_kernels.paged_decode_available(q.dtype):
-            out = cpu_kernels.paged_decode(q, kc, vc, self.decode_tables, self.decode_lens, scale, window)
+            # Every layer shares the tables: their range is checked on the first layer only.
+            checked = self._masks.setdefault("bounds_checked", False)
+            out = cpu_kernels.paged_decode(
+                q, kc, vc, self.decode_tables, self.decode_lens, scale, window, check_bounds=not checked
+            )
+            self._masks["bounds_checked"] = True
             if out is not None:
                 return out
         if self.use_kernels and q.device.type == "cuda":
