@@ -92,12 +92,22 @@ def test_mixed_batch_of_decodes_and_chunks_matches_dense(dtype, use_kernels, win
 
 @pytest.mark.skipif(not cpu_kernels.paged_decode_available(torch.float32), reason="no C compiler here")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_kernel_equals_reference_on_long_contexts(dtype):
+@pytest.mark.parametrize(
+    "R,H,Hkv,D,bs",
+    [
+        (6, 8, 2, 64, 16),  # whole-row tasks
+        (1, 8, 2, 64, 16),  # fewer rows than threads: (row, KV head) tasks
+        (5, 16, 2, 128, 8),  # 8 query heads per KV head: two register tiles of the wide head
+        (4, 9, 3, 64, 32),  # 3 per KV head, a tile of 3
+        (3, 4, 4, 32, 5),  # block size that 16 keys straddle
+    ],
+)
+def test_cpu_kernel_equals_reference_on_long_contexts(dtype, R, H, Hkv, D, bs):
     torch.manual_seed(1)
-    R, H, Hkv, D, bs, NB = 6, 8, 2, 64, 16, 200
+    NB = 200 * 16 // bs
     kc = torch.randn(NB, bs, Hkv, D).to(dtype)
     vc = torch.randn(NB, bs, Hkv, D).to(dtype)
-    lens = torch.tensor([1, 17, 300, 511, 64, 129])
+    lens = torch.tensor([1, 17, 300, 511, 64, 129])[:R]
     width = int(-(-lens.max() // bs))
     tables = torch.randperm(NB)[: R * width].view(R, width)
     q = torch.randn(R, H, D).to(dtype)
@@ -109,3 +119,19 @@ def test_cpu_kernel_equals_reference_on_long_contexts(dtype):
         out = cpu_kernels.paged_decode(q, kc, vc, tables, lens, 0.125, window)
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not cpu_kernels.paged_decode_available(torch.bfloat16), reason="no C compiler here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernel_propagates_nan_to_its_own_row_only(dtype):
+    torch.manual_seed(2)
+    R, H, Hkv, D, bs = 4, 4, 2, 64, 16
+    kc, vc = torch.randn(20, bs, Hkv, D).to(dtype), torch.randn(20, bs, Hkv, D).to(dtype)
+    tables = torch.arange(20).view(4, 5)
+    lens = torch.tensor([70, 33, 5, 80])
+    q = torch.randn(R, H, D).to(dtype)
+    q[1, 0, 3] = float("nan")
+    out = cpu_kernels.paged_decode(q, kc, vc, tables, lens, 0.125, None).view(R, H, D)
+    assert out[1, 0].isnan().all()  # the query head with the NaN, and no other
+    assert not out[1, 1:].isnan().any()
+    assert not out[[0, 2, 3]].isnan().any()

@@ -23,7 +23,7 @@ import torch
 
 log = logging.getLogger("tokenmill.kernels")
 
-_SOURCE = Path(__file__).parent / "kernels" / "paged_decode.c"
+_SOURCES = [Path(__file__).parent / "kernels" / name for name in ("paged_decode.c", "fused_ops.c")]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -47,11 +47,11 @@ def _library() -> ctypes.CDLL | None:
     if os.environ.get("TOKENMILL_CPU_KERNELS", "1") == "0":
         return None
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if cc is None or not _SOURCE.exists():
+    if cc is None or not all(src.exists() for src in _SOURCES):
         return None
-    source = _SOURCE.read_bytes()
+    source = b"".join(src.read_bytes() for src in _SOURCES)
     key = hashlib.sha256(source + " ".join(_FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
-    path = _cache_dir() / f"paged_decode-{key}.so"
+    path = _cache_dir() / f"tokenmill_kernels-{key}.so"
     try:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,7 +59,7 @@ def _library() -> ctypes.CDLL | None:
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
                 out = Path(tmp) / path.name
                 subprocess.run(
-                    [cc, *_FLAGS, "-o", str(out), str(_SOURCE), "-lm"],
+                    [cc, *_FLAGS, "-o", str(out), *map(str, _SOURCES), "-lm"],
                     check=True,
                     capture_output=True,
                     timeout=120,
@@ -67,13 +67,19 @@ def _library() -> ctypes.CDLL | None:
                 os.replace(out, path)
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as e:
-        log.warning("CPU attention kernel unavailable (%s); using the PyTorch path", e)
+        log.warning("CPU kernels unavailable (%s); using the PyTorch paths", e)
         return None
     args = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     args += [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
     for name in ("paged_decode_bf16", "paged_decode_f32"):
         getattr(lib, name).argtypes = args
         getattr(lib, name).restype = ctypes.c_int
+    ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.rmsnorm_bf16.argtypes = [ptr] * 5 + [i64, i32, f32, i32, i32]
+    lib.rope_bf16.argtypes = [ptr] * 3 + [i64, i32, i32, i64, i32]
+    lib.silu_mul_bf16.argtypes = [ptr, ptr, i64, i32, i32]
+    for name in ("rmsnorm_bf16", "rope_bf16", "silu_mul_bf16"):
+        getattr(lib, name).restype = None
     return lib
 
 
@@ -147,3 +153,84 @@ def paged_decode(
         log.warning("CPU attention kernel could not allocate its scratch; using the PyTorch path")
         return None
     return out.view(R, H * Dv)
+
+
+# -- fused elementwise kernels (bf16, CPU) -------------------------------------------------
+
+
+def fused_available(x: torch.Tensor) -> bool:
+    """Whether the fused kernels below can take ``x``: a contiguous CPU bf16 tensor."""
+    return (
+        x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous() and _library() is not None
+    )
+
+
+def rmsnorm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    gemma: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RMSNorm over the last dim of a contiguous bf16 ``x``, after adding ``residual`` when
+    given. Returns (normed, x + residual or None). ``gemma`` scales by (1 + weight)."""
+    lib = _library()
+    assert lib is not None
+    C = x.shape[-1]
+    if weight.shape != (C,) or weight.dtype != x.dtype or not weight.is_contiguous():
+        raise ValueError("rmsnorm: weight must be a contiguous (C,) tensor of the input's dtype")
+    out = torch.empty_like(x)
+    res_out = None
+    if residual is not None:
+        if residual.shape != x.shape or residual.dtype != x.dtype or not residual.is_contiguous():
+            raise ValueError("rmsnorm: residual must match the input's shape, dtype and layout")
+        res_out = torch.empty_like(x)
+    lib.rmsnorm_bf16(
+        x.data_ptr(),
+        None if residual is None else residual.data_ptr(),
+        weight.data_ptr(),
+        out.data_ptr(),
+        None if res_out is None else res_out.data_ptr(),
+        x.numel() // C,
+        C,
+        eps,
+        int(gemma),
+        torch.get_num_threads(),
+    )
+    return out, res_out
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> None:
+    """Rotate-half rope in place on the first ``heads`` heads of a contiguous bf16
+    ``x`` (..., H_total, D); ``cos``/``sin`` (..., 1, D) hold one row per token of x."""
+    lib = _library()
+    assert lib is not None
+    D = x.shape[-1]
+    rows = x.numel() // (x.shape[-2] * D)
+    if not (
+        heads <= x.shape[-2]
+        and D % 2 == 0
+        and cos.shape == sin.shape
+        and cos.numel() == rows * D
+        and cos.dtype == sin.dtype == x.dtype
+        and cos.is_contiguous()
+        and sin.is_contiguous()
+    ):
+        raise ValueError("rope_: x, cos and sin do not agree")
+    lib.rope_bf16(
+        x.data_ptr(), cos.data_ptr(), sin.data_ptr(), rows, heads, D, x.shape[-2] * D, torch.get_num_threads()
+    )
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for a contiguous bf16 ``gate_up`` = [gate | up] on the last dim."""
+    lib = _library()
+    assert lib is not None
+    two_i = gate_up.shape[-1]
+    if two_i % 2:
+        raise ValueError("silu_mul: the last dim must hold gate and up halves of equal size")
+    out = gate_up.new_empty((*gate_up.shape[:-1], two_i // 2))
+    lib.silu_mul_bf16(
+        gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // two_i, two_i // 2, torch.get_num_threads()
+    )
+    return out

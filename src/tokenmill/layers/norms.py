@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tokenmill.layers import cpu_kernels
 
 
 class RMSNorm(nn.Module):
@@ -16,7 +20,19 @@ class RMSNorm(nn.Module):
         self.offset = offset
         self.weight = nn.Parameter(torch.ones(dim) if offset == 0.0 else torch.zeros(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Any:
+        """``norm(x)``; with ``residual``, ``(norm(x + residual), x + residual)``, which a
+        CPU bf16 model computes in one fused pass."""
+        if self.offset in (0.0, 1.0) and cpu_kernels.fused_available(x):
+            if residual is None or residual.is_contiguous():
+                out, res = cpu_kernels.rmsnorm(x, self.weight, self.eps, residual, gemma=self.offset == 1.0)
+                return out if residual is None else (out, res)
+        if residual is not None:
+            x = x + residual
+            return self._norm(x), x
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         shape = (x.shape[-1],)
         if self.offset:

@@ -9,8 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.layers import cpu_kernels
 from tokenmill.layers.activations import get_activation
 from tokenmill.layers.norms import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary
@@ -44,6 +46,10 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             q, k, v = qkv.split([H, Hkv, Hkv], dim=2)
             q, k = apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
+        elif cpu_kernels.fused_available(qkv) and cos.is_contiguous():
+            # Rotated in place in the fresh projection output: one pass, no copies.
+            cpu_kernels.rope_(qkv, cos, sin, H + Hkv)
+            q, k, v = qkv.split([H, Hkv, Hkv], dim=2)
         else:
             # One rope call over the q and k heads together: half the small ops per layer.
             qk, v = qkv.split([H + Hkv, Hkv], dim=2)
@@ -61,7 +67,10 @@ class GatedMLP(nn.Module):
         self.act = get_activation(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.act is F.silu and cpu_kernels.fused_available(gate_up):
+            return self.down_proj(cpu_kernels.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 
@@ -73,9 +82,17 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = GatedMLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: Any) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: Any, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's MLP output, the residual stream before it): the next
+        layer's norm adds the two, fused with its normalisation."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, ctx), residual)
+        return self.mlp(h), residual
 
 
 class LlamaBackbone(nn.Module):
@@ -123,9 +140,10 @@ class CausalLM(nn.Module):
 
     def run_layers(self, x: torch.Tensor, positions: torch.Tensor, ctx: Any) -> torch.Tensor:
         cos, sin = self.rotary(positions, x.dtype, ctx.max_position)
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, ctx)
-        return x
+            x, residual = layer(x, cos, sin, ctx, residual)
+        return x if residual is None else x + residual
 
     def forward(
         self,

@@ -149,24 +149,202 @@ DEFINE_DECODE(paged_decode_f32, float, F32_LOAD, F32_STORE)
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 
-/* The bf16 kernel on CPUs with AVX512-BF16: q.k runs as bf16 pair dot products with
- * float32 accumulation (vdpbf16ps), 32 dims per instruction, and v is widened 16 at a
- * time. Head dims must be multiples of 32 (q, k) and 16 (v); others take the generic path. */
+/* The bf16 kernel on CPUs with AVX512-BF16.
+ *
+ * - q.k runs as bf16 pair dot products with float32 accumulation (vdpbf16ps), 32 dims
+ *   per instruction; the 16 partial-sum vectors of 16 keys are reduced together by one
+ *   transpose-and-add tree (hsum16), four times fewer instructions than one horizontal
+ *   sum per key.
+ * - The weighted sum of values keeps the accumulators of up to four query heads in
+ *   registers (head dims up to 128).
+ * - A task is a whole row when there are rows enough for every thread, so the row's
+ *   blocks are read front to back (all KV heads of a token are adjacent), with the next
+ *   block prefetched; with fewer rows a task is one (row, KV head).
+ * Head dims must be multiples of 32 (q, k) and 16 (v), and at most 256 and 128. */
+
+/* The 16 horizontal sums of v[0..15], in order, in one vector. */
+static inline __m512 hsum16(const __m512 *v) {
+    __m512 w[8], x[4], y[2];
+    for (int i = 0; i < 8; ++i)
+        w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; ++i) {
+        const __m512d a = _mm512_castps_pd(w[2 * i]), b = _mm512_castps_pd(w[2 * i + 1]);
+        x[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    for (int i = 0; i < 2; ++i)
+        y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], 0x88), _mm512_shuffle_f32x4(y[0], y[1], 0xDD));
+}
+
+/* Scores of the g query heads qh (g, D) against keys [first, len) of one KV head. */
+/* Blocks are scattered, so the hardware prefetcher loses the stream at each one: fetch
+ * the next block's lines while this block is computed. */
+static inline void prefetch_block(const char *p, int64_t bytes) {
+    for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(p + i, _MM_HINT_T0);
+}
+
+static void scores_avx512(const uint16_t *qh, const uint16_t *k_cache, const int64_t *table, int64_t first,
+                          int64_t len, int g, int D, int64_t kstride, int block_size, float scale, float *sc,
+                          int64_t n, int64_t prefetch_bytes) {
+    const int64_t nblocks = (len + block_size - 1) / block_size;
+    const int64_t bsk = (int64_t)block_size * kstride;
+    __m512 part[16];
+    /* Walk the keys by (block, offset): no division per key. */
+    int64_t b = first / block_size;
+    int o = (int)(first % block_size);
+    const uint16_t *kb = k_cache + table[b] * bsk;
+    for (int64_t t0 = 0; t0 < n; t0 += 16) {
+        const int m = n - t0 < 16 ? (int)(n - t0) : 16;
+        const uint16_t *kp[16];
+        if (o == 0 && prefetch_bytes && b + 1 < nblocks) /* the whole next block, every KV head of it */
+            prefetch_block((const char *)(k_cache + table[b + 1] * bsk), prefetch_bytes);
+        for (int i = 0; i < m; ++i) {
+            kp[i] = kb + (int64_t)o * kstride;
+            if (++o == block_size && t0 + i + 1 < n) {
+                o = 0;
+                kb = k_cache + table[++b] * bsk;
+            }
+        }
+        for (int j = 0; j < g; ++j) {
+            const uint16_t *qj = qh + (int64_t)j * D;
+            for (int i = 0; i < 16; ++i) part[i] = _mm512_setzero_ps();
+            for (int c = 0; c < D; c += 32) {
+                const __m512bh qc = (__m512bh)_mm512_loadu_si512(qj + c);
+                for (int i = 0; i < m; ++i)
+                    part[i] = _mm512_dpbf16_ps(part[i], qc, (__m512bh)_mm512_loadu_si512(kp[i] + c));
+            }
+            const __m512 s = _mm512_mul_ps(hsum16(part), _mm512_set1_ps(scale));
+            _mm512_mask_storeu_ps(sc + (int64_t)j * n + t0, (__mmask16)((1u << m) - 1u), s);
+        }
+    }
+}
+
+/* exp(x) of 16 floats x <= 0, as exp_nonpositive; NaN propagates. */
+static inline __m512 exp512_nonpositive(__m512 x) {
+    const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.44269504088896341f));
+    const __m512 fn = _mm512_roundscale_ps(t, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, fn);
+    __m512 p = _mm512_set1_ps(1.0938758e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.2757171e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.5800603e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5491037e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022436e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314705e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fn), _mm512_set1_epi32(127)), 23);
+    const __m512 e = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+    /* max(x, -87) drops a NaN: put it back. */
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), e, x);
+}
+
+/* In-place softmax of n scores. */
+static void softmax_avx512(float *s, int64_t n) {
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    int64_t t = 0;
+    for (; t + 16 <= n; t += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + t));
+    float m = _mm512_reduce_max_ps(mv);
+    for (; t < n; ++t) m = s[t] > m ? s[t] : m;
+    if (m != m) m = 0.f; /* a NaN score: let it reach the output, as the reference path does */
+    const __m512 mb = _mm512_set1_ps(m);
+    __m512 sum = _mm512_setzero_ps();
+    for (t = 0; t < n; t += 16) {
+        const __mmask16 k = n - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - t)) - 1u);
+        const __m512 e = exp512_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + t), mb));
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(k, e));
+        _mm512_mask_storeu_ps(s + t, k, e);
+    }
+    const float total = _mm512_reduce_add_ps(sum);
+    const __m512 inv = _mm512_set1_ps(total > 0.f ? 1.f / total : 0.f);
+    for (t = 0; t < n; t += 16) {
+        const __mmask16 k = n - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - t)) - 1u);
+        _mm512_mask_storeu_ps(s + t, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + t), inv));
+    }
+}
+
+/* acc (JB, NC * 16) += probabilities (JB rows of sc, n apart) x values [first, first + n).
+ * JB and NC are constants at every call, so the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void pv_tile(const float *sc, const uint16_t *v_cache,
+                                                          const int64_t *table, int64_t first, int64_t n,
+                                                          int64_t vstride, int block_size, float *acc_out,
+                                                          int Dv, int64_t prefetch_bytes, const int JB, const int NC) {
+    const int64_t bsv = (int64_t)block_size * vstride;
+    const int64_t nblocks = (first + n + block_size - 1) / block_size;
+    __m512 acc[4][8];
+    for (int jj = 0; jj < JB; ++jj)
+        for (int c = 0; c < NC; ++c) acc[jj][c] = _mm512_setzero_ps();
+    int64_t b = first / block_size;
+    int o = (int)(first % block_size);
+    const uint16_t *vb = v_cache + table[b] * bsv;
+    for (int64_t t = 0; t < n; ++t) {
+        const uint16_t *vp = vb + (int64_t)o * vstride;
+        if (++o == block_size && t + 1 < n) {
+            o = 0;
+            vb = v_cache + table[++b] * bsv;
+            if (prefetch_bytes && b + 1 < nblocks) prefetch_block((const char *)(v_cache + table[b + 1] * bsv), prefetch_bytes);
+        }
+        __m512 pj[4];
+        for (int jj = 0; jj < JB; ++jj) pj[jj] = _mm512_set1_ps(sc[(int64_t)jj * n + t]);
+        for (int c = 0; c < NC; ++c) {
+            const __m512 vf = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(vp + c * 16)));
+            for (int jj = 0; jj < JB; ++jj) acc[jj][c] = _mm512_fmadd_ps(pj[jj], vf, acc[jj][c]);
+        }
+    }
+    for (int jj = 0; jj < JB; ++jj)
+        for (int c = 0; c < NC; ++c) _mm512_storeu_ps(acc_out + (int64_t)jj * Dv + c * 16, acc[jj][c]);
+}
+
+#define PV_CASES(NC)                                                                                    \
+    switch (jb) {                                                                                       \
+        case 1: pv_tile(scj, v_cache, table, first, n, vstride, block_size, accj, Dv, prefetch_bytes, 1, NC); break;    \
+        case 2: pv_tile(scj, v_cache, table, first, n, vstride, block_size, accj, Dv, prefetch_bytes, 2, NC); break;    \
+        case 3: pv_tile(scj, v_cache, table, first, n, vstride, block_size, accj, Dv, prefetch_bytes, 3, NC); break;    \
+        default: pv_tile(scj, v_cache, table, first, n, vstride, block_size, accj, Dv, prefetch_bytes, 4, NC); break;   \
+    }
+
+/* acc (g, Dv) = probabilities (g, n) x values [first, first + n) of one KV head. */
+static void weighted_values_avx512(const float *sc, const uint16_t *v_cache, const int64_t *table, int64_t first,
+                                   int g, int Dv, int64_t vstride, int block_size, int64_t n, float *acc,
+                                   int64_t prefetch_bytes) {
+    /* Query heads in tiles of up to 4 (up to 2 for head dims over 64): at most 16 live
+     * accumulators, so the values and broadcast weights still fit in the 32 registers. */
+    const int tile = Dv > 64 ? 2 : 4;
+    for (int j0 = 0; j0 < g; j0 += tile) {
+        const int jb = g - j0 < tile ? g - j0 : tile;
+        const float *scj = sc + (int64_t)j0 * n;
+        float *accj = acc + (int64_t)j0 * Dv;
+        switch (Dv / 16) {
+            case 1: PV_CASES(1); break;
+            case 2: PV_CASES(2); break;
+            case 3: PV_CASES(3); break;
+            case 4: PV_CASES(4); break;
+            case 5: PV_CASES(5); break;
+            case 6: PV_CASES(6); break;
+            case 7: PV_CASES(7); break;
+            default: PV_CASES(8); break;
+        }
+    }
+}
+
 static int paged_decode_bf16_avx512(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
                                     const int64_t *tables, int64_t width, const int64_t *lens, uint16_t *out,
                                     int R, int H, int Hkv, int D, int Dv, int block_size, float scale,
                                     int window, int nthreads) {
     const int g = H / Hkv;
     const int64_t kstride = (int64_t)Hkv * D, vstride = (int64_t)Hkv * Dv;
+    /* Whole rows when every thread gets at least two; else (row, KV head) tasks. */
+    const int heads_per_task = R >= 2 * nthreads ? Hkv : 1;
+    const int tasks = R * (Hkv / heads_per_task);
     int failed = 0;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int task = 0; task < R * Hkv; ++task) {
-        const int r = task / Hkv, hk = task % Hkv;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int task = 0; task < tasks; ++task) {
+        const int r = task / (Hkv / heads_per_task);
+        const int hk0 = (task % (Hkv / heads_per_task)) * heads_per_task;
         const int64_t len = lens[r];
         const int64_t first = (window > 0 && len > window) ? len - window : 0;
         const int64_t n = len - first;
-        float *sc = (float *)malloc(sizeof(float) * (size_t)g * (n > 0 ? n : 1));
-        float *acc = (float *)calloc((size_t)g * Dv, sizeof(float));
+        float *sc = (float *)malloc(sizeof(float) * (size_t)g * (size_t)(n > 0 ? n : 1));
+        float *acc = (float *)malloc(sizeof(float) * (size_t)g * Dv);
         if (!sc || !acc) {
 #pragma omp atomic write
             failed = 1;
@@ -174,55 +352,25 @@ static int paged_decode_bf16_avx512(const uint16_t *q, const uint16_t *k_cache, 
             free(acc);
             continue;
         }
-        const uint16_t *qr = q + ((int64_t)r * H + (int64_t)hk * g) * D;
         const int64_t *table = tables + (int64_t)r * width;
-        for (int64_t b = first / block_size, t = 0; b * block_size < len; ++b) {
-            const int64_t p0 = b * block_size;
-            const int o0 = p0 < first ? (int)(first - p0) : 0;
-            const int o1 = len - p0 < block_size ? (int)(len - p0) : block_size;
-            const uint16_t *kb = k_cache + table[b] * block_size * kstride + (int64_t)hk * D;
-            for (int o = o0; o < o1; ++o, ++t) {
-                const uint16_t *kp = kb + o * kstride;
-                for (int j = 0; j < g; ++j) {
-                    __m512 a = _mm512_setzero_ps();
-                    for (int c = 0; c < D; c += 32)
-                        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qr + j * D + c),
-                                             (__m512bh)_mm512_loadu_si512(kp + c));
-                    sc[j * n + t] = _mm512_reduce_add_ps(a) * scale;
-                }
+        for (int hk = hk0; hk < hk0 + heads_per_task; ++hk) {
+            const uint16_t *qh = q + ((int64_t)r * H + (int64_t)hk * g) * D;
+            /* The first KV head's pass prefetches whole blocks; the later heads find them cached. */
+            const int64_t pk = hk == hk0 ? (int64_t)block_size * kstride * 2 : 0;
+            const int64_t pv = hk == hk0 ? (int64_t)block_size * vstride * 2 : 0;
+            scores_avx512(qh, k_cache + (int64_t)hk * D, table, first, len, g, D, kstride, block_size, scale, sc, n,
+                          pk);
+            for (int j = 0; j < g; ++j) softmax_avx512(sc + (int64_t)j * n, n);
+            if (n > 0) {
+                weighted_values_avx512(sc, v_cache + (int64_t)hk * Dv, table, first, g, Dv, vstride, block_size, n,
+                                       acc, pv);
+            } else {
+                memset(acc, 0, sizeof(float) * (size_t)g * Dv);
             }
+            for (int j = 0; j < g; ++j)
+                for (int d = 0; d < Dv; ++d)
+                    out[((int64_t)r * H + (int64_t)hk * g + j) * Dv + d] = f32_to_bf16(acc[(int64_t)j * Dv + d]);
         }
-        for (int j = 0; j < g; ++j) {
-            float *sj = sc + j * n;
-            float m = -INFINITY, sum = 0.f;
-            for (int64_t t = 0; t < n; ++t) m = sj[t] > m ? sj[t] : m;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t t = 0; t < n; ++t) {
-                sj[t] = exp_nonpositive(sj[t] - m);
-                sum += sj[t];
-            }
-            const float inv = sum > 0.f ? 1.f / sum : 0.f;
-            for (int64_t t = 0; t < n; ++t) sj[t] *= inv;
-        }
-        for (int64_t b = first / block_size, t = 0; b * block_size < len; ++b) {
-            const int64_t p0 = b * block_size;
-            const int o0 = p0 < first ? (int)(first - p0) : 0;
-            const int o1 = len - p0 < block_size ? (int)(len - p0) : block_size;
-            const uint16_t *vb = v_cache + table[b] * block_size * vstride + (int64_t)hk * Dv;
-            for (int o = o0; o < o1; ++o, ++t) {
-                const uint16_t *vp = vb + o * vstride;
-                for (int c = 0; c < Dv; c += 16) {
-                    const __m512 vf = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(vp + c)));
-                    for (int j = 0; j < g; ++j) {
-                        float *aj = acc + j * Dv + c;
-                        _mm512_storeu_ps(aj, _mm512_fmadd_ps(_mm512_set1_ps(sc[j * n + t]), vf, _mm512_loadu_ps(aj)));
-                    }
-                }
-            }
-        }
-        for (int j = 0; j < g; ++j)
-            for (int d = 0; d < Dv; ++d)
-                out[((int64_t)r * H + (int64_t)hk * g + j) * Dv + d] = f32_to_bf16(acc[j * Dv + d]);
         free(sc);
         free(acc);
     }
@@ -234,7 +382,7 @@ int paged_decode_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t
                       int64_t width, const int64_t *lens, uint16_t *out, int R, int H, int Hkv, int D, int Dv,
                       int block_size, float scale, int window, int nthreads) {
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-    if (D % 32 == 0 && Dv % 16 == 0)
+    if (D % 32 == 0 && Dv % 16 == 0 && D <= 256 && Dv <= 128)
         return paged_decode_bf16_avx512(q, k_cache, v_cache, tables, width, lens, out, R, H, Hkv, D, Dv,
                                         block_size, scale, window, nthreads);
 #endif

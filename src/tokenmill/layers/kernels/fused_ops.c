@@ -1,0 +1,138 @@
+/* Fused bf16 elementwise kernels for the CPU decoder layers.
+ *
+ * Each one replaces a chain of small PyTorch ops (an RMSNorm is five: upcast, the norm,
+ * downcast, the weight multiply, the residual add before it) with one pass over the
+ * rows. They round to bf16 at the same points the PyTorch chain does, so the result is
+ * the same but for float32 summation order.
+ *
+ * Small inputs (a decode step's few rows) run on the calling thread: starting the
+ * OpenMP team would cost more than the work.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define PARALLEL_MIN_ELEMENTS (1 << 16)
+
+static inline float bf16_to_f32(uint16_t x) {
+    uint32_t u = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+/* exp(x) for any float, vectorizable: 2^t = 2^n * 2^f with n = rint(t), f in [-1/2, 1/2],
+ * and 2^f by its degree-6 Taylor polynomial (relative error about 1e-7 at |f| = 1/2). */
+static inline float exp_any(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float t = x * 1.44269504088896341f;
+    const float fn = rintf(t);
+    const float f = t - fn;
+    float p = 1.5403530e-4f;
+    p = p * f + 1.3333558e-3f;
+    p = p * f + 9.6181291e-3f;
+    p = p * f + 5.5504109e-2f;
+    p = p * f + 2.4022651e-1f;
+    p = p * f + 6.9314718e-1f;
+    p = p * f + 1.0f;
+    const uint32_t bits = (uint32_t)((int)fn + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+/* RMSNorm of each row of x (rows, C), optionally after adding residual:
+ *   s = bf16(x + residual), written to res_out;  n = bf16(s * rsqrt(mean(s^2) + eps))
+ *   mode 0 (Llama):  out = bf16(n * w)
+ *   mode 1 (Gemma):  out = bf16(s * rsqrt(...) * (w + 1))   (one rounding, in float32)
+ * res_out may alias residual; out may alias x. */
+void rmsnorm_bf16(const uint16_t *x, const uint16_t *residual, const uint16_t *w, uint16_t *out,
+                  uint16_t *res_out, int64_t rows, int C, float eps, int mode, int nthreads) {
+    const int par = rows * (int64_t)C >= PARALLEL_MIN_ELEMENTS && nthreads > 1;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (par)
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint16_t *xr = x + r * C;
+        float ss = 0.f;
+        if (residual) {
+            const uint16_t *rr = residual + r * C;
+            uint16_t *ro = res_out + r * C;
+#pragma omp simd reduction(+ : ss)
+            for (int c = 0; c < C; ++c) {
+                const uint16_t s = f32_to_bf16(bf16_to_f32(xr[c]) + bf16_to_f32(rr[c]));
+                ro[c] = s;
+                const float sf = bf16_to_f32(s);
+                ss += sf * sf;
+            }
+            xr = ro;
+        } else {
+#pragma omp simd reduction(+ : ss)
+            for (int c = 0; c < C; ++c) {
+                const float sf = bf16_to_f32(xr[c]);
+                ss += sf * sf;
+            }
+        }
+        const float inv = 1.0f / sqrtf(ss / (float)C + eps);
+        uint16_t *orow = out + r * C;
+        if (mode == 0) {
+#pragma omp simd
+            for (int c = 0; c < C; ++c)
+                orow[c] = f32_to_bf16(round_bf16(bf16_to_f32(xr[c]) * inv) * bf16_to_f32(w[c]));
+        } else {
+#pragma omp simd
+            for (int c = 0; c < C; ++c)
+                orow[c] = f32_to_bf16(bf16_to_f32(xr[c]) * inv * (bf16_to_f32(w[c]) + 1.0f));
+        }
+    }
+}
+
+/* Rotate-half rope, in place on the first `heads` heads of each row of x, whose rows are
+ * `row_stride` elements apart (the q and k heads of a fused qkv output):
+ *   x[d] = bf16(bf16(x[d] * cos[d]) + bf16(x[d +- D/2] * sin[d]))
+ * with sin's first half negated, as RotaryEmbedding stores it. cos, sin: (rows, D). */
+void rope_bf16(uint16_t *x, const uint16_t *cos_t, const uint16_t *sin_t, int64_t rows, int heads, int D,
+               int64_t row_stride, int nthreads) {
+    const int half = D / 2;
+    const int par = rows * (int64_t)heads * D >= PARALLEL_MIN_ELEMENTS && nthreads > 1;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (par)
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint16_t *c = cos_t + r * D, *s = sin_t + r * D;
+        for (int h = 0; h < heads; ++h) {
+            uint16_t *xh = x + r * row_stride + (int64_t)h * D;
+#pragma omp simd
+            for (int d = 0; d < half; ++d) {
+                const float a = bf16_to_f32(xh[d]), b = bf16_to_f32(xh[d + half]);
+                const float lo = round_bf16(a * bf16_to_f32(c[d])) + round_bf16(b * bf16_to_f32(s[d]));
+                const float hi =
+                    round_bf16(b * bf16_to_f32(c[d + half])) + round_bf16(a * bf16_to_f32(s[d + half]));
+                xh[d] = f32_to_bf16(lo);
+                xh[d + half] = f32_to_bf16(hi);
+            }
+        }
+    }
+}
+
+/* out = bf16(bf16(silu(gate)) * up) for gate_up (rows, 2 * I) = [gate | up]; out (rows, I). */
+void silu_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int I, int nthreads) {
+    const int par = rows * (int64_t)I >= PARALLEL_MIN_ELEMENTS && nthreads > 1;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (par)
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint16_t *g = gate_up + r * 2 * (int64_t)I, *u = g + I;
+        uint16_t *o = out + r * (int64_t)I;
+#pragma omp simd
+        for (int i = 0; i < I; ++i) {
+            const float gf = bf16_to_f32(g[i]);
+            const float act = round_bf16(gf / (1.0f + exp_any(-gf)));
+            o[i] = f32_to_bf16(act * bf16_to_f32(u[i]));
+        }
+    }
+}
