@@ -134,3 +134,50 @@ def test_a_request_the_engine_cannot_add_fails_alone(llama_dir, monkeypatch):
         await engine.shutdown(timeout=5)
 
     asyncio.run(main())
+
+
+def test_the_engine_is_built_and_stepped_on_one_thread(llama_dir, monkeypatch):
+    """A second thread starting OpenMP regions would slow every matmul (see _TorchThread)."""
+    import threading
+
+    from tokenmill.generation.engine import LLMEngine
+
+    seen: dict[str, set[int]] = {"build": set(), "step": set()}
+    build, step = LLMEngine.from_config, LLMEngine.step
+
+    def recording_build(config):
+        seen["build"].add(threading.get_ident())
+        return build(config)
+
+    def recording_step(self):
+        seen["step"].add(threading.get_ident())
+        return step(self)
+
+    monkeypatch.setattr(LLMEngine, "from_config", staticmethod(recording_build))
+    monkeypatch.setattr(LLMEngine, "step", recording_step)
+    engine = _engine(llama_dir)
+
+    async def main():
+        await engine.start()
+        async for _ in engine.generate([5, 6, 7], _params(engine, 3, prompt_len=3), "one"):
+            pass
+        await engine.shutdown(timeout=5)
+
+    asyncio.run(main())
+    assert len(seen["build"]) == 1 and seen["build"] == seen["step"]
+    assert threading.get_ident() not in seen["build"]
+    assert not engine._thread.is_alive()  # shutdown ends the thread too
+
+
+def test_a_failed_build_raises_and_leaves_no_thread(tmp_path):
+    import threading
+
+    def engine_threads():
+        return {t for t in threading.enumerate() if t.name == "tokenmill-engine"}
+
+    before = engine_threads()
+    with pytest.raises(Exception, match="does not exist"):
+        AsyncEngine.from_config(EngineConfig(model=str(tmp_path / "missing.gguf"), device="cpu"))
+    for t in engine_threads() - before:
+        t.join(5)
+    assert engine_threads() - before == set()
