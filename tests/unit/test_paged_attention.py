@@ -135,3 +135,16 @@ def test_cpu_kernel_propagates_nan_to_its_own_row_only(dtype):
     assert out[1, 0].isnan().all()  # the query head with the NaN, and no other
     assert not out[1, 1:].isnan().any()
     assert not out[[0, 2, 3]].isnan().any()
+
+
+def test_new_keys_land_in_their_slots_and_a_slot_outside_the_cache_is_refused():
+    cache = PagedKVCache(1, 4, 4, 2, 8, torch.bfloat16, torch.device("cpu"))
+    qkv = torch.randn(3, 6, 8).to(torch.bfloat16)  # a fused projection: k and v are strided views
+    k, v = qkv[:, 2:4], qkv[:, 4:6]
+    slots = torch.tensor([5, 0, 15])
+    ctx = PagedAttention(cache, slots, 0)
+    ctx._write(k, v, cache.k[0], cache.v[0])
+    assert torch.equal(cache.k[0].view(-1, 2, 8)[slots], k)
+    assert torch.equal(cache.v[0].view(-1, 2, 8)[slots], v)
+    with pytest.raises(ValueError, match="slot mapping points outside the KV cache"):
+        PagedAttention(cache, torch.tensor([16]), 0)._write(k[:1], v[:1], cache.k[0], cache.v[0])

@@ -78,7 +78,8 @@ def _library() -> ctypes.CDLL | None:
     lib.rmsnorm_bf16.argtypes = [ptr] * 5 + [i64, i32, f32, i32, i32]
     lib.rope_bf16.argtypes = [ptr] * 3 + [i64, i32, i32, i64, i32]
     lib.silu_mul_bf16.argtypes = [ptr, ptr, i64, i32, i32]
-    for name in ("rmsnorm_bf16", "rope_bf16", "silu_mul_bf16"):
+    lib.kv_write.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, ptr, i64, i64]
+    for name in ("rmsnorm_bf16", "rope_bf16", "silu_mul_bf16", "kv_write"):
         getattr(lib, name).restype = None
     return lib
 
@@ -234,3 +235,44 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // two_i, two_i // 2, torch.get_num_threads()
     )
     return out
+
+
+def kv_write(
+    k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+) -> bool:
+    """Copy rows k (N, H_kv, D) and v (N, H_kv, Dv) into the flat cache slots ``slots``
+    (int64, already checked to lie in the cache). Rows may be strided views; each row
+    itself must be contiguous. Returns False, doing nothing, when the layout does not fit."""
+    lib = _library()
+    if lib is None or k.device.type != "cpu":
+        return False
+    n = slots.shape[0]
+    if not (
+        k.dim() == v.dim() == 3
+        and k.shape[0] == v.shape[0] == n
+        and k.dtype == v.dtype == k_cache.dtype == v_cache.dtype
+        and slots.dtype == torch.int64
+        and slots.is_contiguous()
+        and k_cache.is_contiguous()
+        and v_cache.is_contiguous()
+        and k.shape[1:] == k_cache.shape[2:]
+        and v.shape[1:] == v_cache.shape[2:]
+        and k.stride(2) == v.stride(2) == 1
+        and k.stride(1) == k.shape[2]
+        and v.stride(1) == v.shape[2]
+    ):
+        return False
+    elt = k.element_size()
+    lib.kv_write(
+        k.data_ptr(),
+        v.data_ptr(),
+        k.stride(0) * elt,
+        v.stride(0) * elt,
+        slots.data_ptr(),
+        n,
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        k.shape[1] * k.shape[2] * elt,
+        v.shape[1] * v.shape[2] * elt,
+    )
+    return True

@@ -130,8 +130,7 @@ class PagedAttention:
         Hkv = k.shape[2]
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         Dv = vc.shape[-1]
-        kc.view(-1, Hkv, D).index_copy_(0, self.slot_mapping, k[0])
-        vc.view(-1, Hkv, Dv).index_copy_(0, self.slot_mapping, v[0])
+        self._write(k[0], v[0], kc, vc)
         outs = []
         if self.num_decode:
             outs.append(self._decode(q[0, : self.num_decode], kc, vc, scale, window))
@@ -145,6 +144,26 @@ class PagedAttention:
             outs.append(_chunk_attention(q[0, rows], kr, vr, scale, window))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
         return out.view(1, N, H * Dv)
+
+    def _write(self, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> None:
+        """New keys and values into their slots; on CPU one copy per row (index_copy_ is
+        several times slower for these few-hundred-byte rows)."""
+        if self.use_kernels and k.device.type == "cpu":
+            if "slots_checked" not in self._masks:  # every layer shares the slots: check once
+                n = self.slot_mapping.numel()
+                if (
+                    n
+                    and not 0
+                    <= int(self.slot_mapping.min())
+                    <= int(self.slot_mapping.max())
+                    < kc.shape[0] * kc.shape[1]
+                ):
+                    raise ValueError("slot mapping points outside the KV cache")
+                self._masks["slots_checked"] = True
+            if cpu_kernels.kv_write(k, v, self.slot_mapping, kc, vc):
+                return
+        kc.view(-1, k.shape[1], k.shape[2]).index_copy_(0, self.slot_mapping, k)
+        vc.view(-1, v.shape[1], v.shape[2]).index_copy_(0, self.slot_mapping, v)
 
     def _decode(
         self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, scale: float, window: int | None

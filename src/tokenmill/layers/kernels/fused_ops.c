@@ -136,3 +136,15 @@ void silu_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int I, 
         }
     }
 }
+
+/* Write n new key and value rows into their cache slots: row i of k goes to slot
+ * slots[i] of k_cache (rows of k_row bytes), likewise v. The rows of k and v are
+ * k_stride / v_stride bytes apart (views into a fused qkv output). Slots were checked
+ * against the cache size by the caller. */
+void kv_write(const char *k, const char *v, int64_t k_stride, int64_t v_stride, const int64_t *slots, int64_t n,
+              char *k_cache, char *v_cache, int64_t k_row, int64_t v_row) {
+    for (int64_t i = 0; i < n; ++i) {
+        memcpy(k_cache + slots[i] * k_row, k + i * k_stride, (size_t)k_row);
+        memcpy(v_cache + slots[i] * v_row, v + i * v_stride, (size_t)v_row);
+    }
+}
