@@ -258,15 +258,16 @@ class AsyncEngine:
 
     def _publish(self, groups) -> None:
         engine = self.engine
-        for group in groups:
-            if group.request_id in self._queues:
-                self._send(group.request_id, engine.snapshot(group))
+        # Stats first: a client that has its last output must find the step in the metrics.
         self._stats = engine.stats()
         for fn in self._listeners:
             try:
                 fn(engine.last_stats)
             except Exception:
                 log.exception("stats listener failed")
+        for group in groups:
+            if group.request_id in self._queues:
+                self._send(group.request_id, engine.snapshot(group))
 
     def _send(self, request_id: str, item) -> None:
         entry = self._queues.get(request_id)

@@ -74,12 +74,11 @@ def _library() -> ctypes.CDLL | None:
     for name in ("paged_decode_bf16", "paged_decode_f32"):
         getattr(lib, name).argtypes = args
         getattr(lib, name).restype = ctypes.c_int
-    ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    lib.rmsnorm_bf16.argtypes = [ptr] * 5 + [i64, i32, f32, i32, i32]
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.rope_bf16.argtypes = [ptr] * 3 + [i64, i32, i32, i64, i32]
     lib.silu_mul_bf16.argtypes = [ptr, ptr, i64, i32, i32]
     lib.kv_write.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, ptr, i64, i64]
-    for name in ("rmsnorm_bf16", "rope_bf16", "silu_mul_bf16", "kv_write"):
+    for name in ("rope_bf16", "silu_mul_bf16", "kv_write"):
         getattr(lib, name).restype = None
     return lib
 
@@ -164,41 +163,6 @@ def fused_available(x: torch.Tensor) -> bool:
     return (
         x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous() and _library() is not None
     )
-
-
-def rmsnorm(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    eps: float,
-    residual: torch.Tensor | None = None,
-    gemma: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """RMSNorm over the last dim of a contiguous bf16 ``x``, after adding ``residual`` when
-    given. Returns (normed, x + residual or None). ``gemma`` scales by (1 + weight)."""
-    lib = _library()
-    assert lib is not None
-    C = x.shape[-1]
-    if weight.shape != (C,) or weight.dtype != x.dtype or not weight.is_contiguous():
-        raise ValueError("rmsnorm: weight must be a contiguous (C,) tensor of the input's dtype")
-    out = torch.empty_like(x)
-    res_out = None
-    if residual is not None:
-        if residual.shape != x.shape or residual.dtype != x.dtype or not residual.is_contiguous():
-            raise ValueError("rmsnorm: residual must match the input's shape, dtype and layout")
-        res_out = torch.empty_like(x)
-    lib.rmsnorm_bf16(
-        x.data_ptr(),
-        None if residual is None else residual.data_ptr(),
-        weight.data_ptr(),
-        out.data_ptr(),
-        None if res_out is None else res_out.data_ptr(),
-        x.numel() // C,
-        C,
-        eps,
-        int(gemma),
-        torch.get_num_threads(),
-    )
-    return out, res_out
 
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> None:

@@ -8,8 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.layers import cpu_kernels
-
 
 class RMSNorm(nn.Module):
     """Llama-style RMSNorm. ``offset=1.0`` gives Gemma's ``(1 + weight)`` scaling."""
@@ -21,12 +19,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim) if offset == 0.0 else torch.zeros(dim))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Any:
-        """``norm(x)``; with ``residual``, ``(norm(x + residual), x + residual)``, which a
-        CPU bf16 model computes in one fused pass."""
-        if self.offset in (0.0, 1.0) and cpu_kernels.fused_available(x):
-            if residual is None or residual.is_contiguous():
-                out, res = cpu_kernels.rmsnorm(x, self.weight, self.eps, residual, gemma=self.offset == 1.0)
-                return out if residual is None else (out, res)
+        """``norm(x)``; with ``residual``, ``(norm(x + residual), x + residual)``."""
         if residual is not None:
             x = x + residual
             return self._norm(x), x

@@ -1,9 +1,10 @@
 /* Fused bf16 elementwise kernels for the CPU decoder layers.
  *
- * Each one replaces a chain of small PyTorch ops (an RMSNorm is five: upcast, the norm,
- * downcast, the weight multiply, the residual add before it) with one pass over the
- * rows. They round to bf16 at the same points the PyTorch chain does, so the result is
- * the same but for float32 summation order.
+ * Each one replaces a chain of small PyTorch ops with one pass over the rows, rounding
+ * to bf16 at the same points the PyTorch chain does: elementwise, so the results are
+ * the same. (RMSNorm stays in PyTorch: its float32 sum of squares in another order
+ * differs in the last bit now and then, and that was enough to change a greedy reply
+ * of SmolLM2 from the one transformers gives.)
  *
  * Small inputs (a decode step's few rows) run on the calling thread: starting the
  * OpenMP team would cost more than the work.
@@ -49,50 +50,6 @@ static inline float exp_any(float x) {
     float scale;
     memcpy(&scale, &bits, 4);
     return p * scale;
-}
-
-/* RMSNorm of each row of x (rows, C), optionally after adding residual:
- *   s = bf16(x + residual), written to res_out;  n = bf16(s * rsqrt(mean(s^2) + eps))
- *   mode 0 (Llama):  out = bf16(n * w)
- *   mode 1 (Gemma):  out = bf16(s * rsqrt(...) * (w + 1))   (one rounding, in float32)
- * res_out may alias residual; out may alias x. */
-void rmsnorm_bf16(const uint16_t *x, const uint16_t *residual, const uint16_t *w, uint16_t *out,
-                  uint16_t *res_out, int64_t rows, int C, float eps, int mode, int nthreads) {
-    const int par = rows * (int64_t)C >= PARALLEL_MIN_ELEMENTS && nthreads > 1;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (par)
-    for (int64_t r = 0; r < rows; ++r) {
-        const uint16_t *xr = x + r * C;
-        float ss = 0.f;
-        if (residual) {
-            const uint16_t *rr = residual + r * C;
-            uint16_t *ro = res_out + r * C;
-#pragma omp simd reduction(+ : ss)
-            for (int c = 0; c < C; ++c) {
-                const uint16_t s = f32_to_bf16(bf16_to_f32(xr[c]) + bf16_to_f32(rr[c]));
-                ro[c] = s;
-                const float sf = bf16_to_f32(s);
-                ss += sf * sf;
-            }
-            xr = ro;
-        } else {
-#pragma omp simd reduction(+ : ss)
-            for (int c = 0; c < C; ++c) {
-                const float sf = bf16_to_f32(xr[c]);
-                ss += sf * sf;
-            }
-        }
-        const float inv = 1.0f / sqrtf(ss / (float)C + eps);
-        uint16_t *orow = out + r * C;
-        if (mode == 0) {
-#pragma omp simd
-            for (int c = 0; c < C; ++c)
-                orow[c] = f32_to_bf16(round_bf16(bf16_to_f32(xr[c]) * inv) * bf16_to_f32(w[c]));
-        } else {
-#pragma omp simd
-            for (int c = 0; c < C; ++c)
-                orow[c] = f32_to_bf16(bf16_to_f32(xr[c]) * inv * (bf16_to_f32(w[c]) + 1.0f));
-        }
-    }
 }
 
 /* Rotate-half rope, in place on the first `heads` heads of each row of x, whose rows are
