@@ -519,3 +519,88 @@ def test_missing_required_metadata_is_named(tmp_path, vocab):
 def test_missing_gguf_file(tmp_path):
     with pytest.raises(ModelLoadError, match="GGUF file not found"):
         GGUFFile(tmp_path / "nope.gguf")
+
+
+# -- int4 layers straight from Q4_0 / Q4_1 blocks ---------------------------------------------------------
+def _quantize_matrices(qtype_of):
+    """An export edit that stores each matrix as ``qtype_of(gguf_name)`` (None keeps it float)."""
+
+    def edit(tensors):
+        for name, (arr, _) in list(tensors.items()):
+            qtype = qtype_of(name) if arr.ndim == 2 else None
+            if qtype is not None:
+                tensors[name] = (gguf.quants.quantize(arr.astype(np.float32), qtype), qtype)
+
+    return edit
+
+
+@pytest.fixture(scope="module")
+def q4_gguf(hf_models, vocab, tmp_path_factory) -> str:
+    """The tiny llama with its matrices in Q4_1, the MLP's down_proj in Q4_0, the embedding in Q8_0."""
+
+    def qtype_of(name: str):
+        return Q.Q8_0 if name.startswith("token_embd") else Q.Q4_0 if "ffn_down" in name else Q.Q4_1
+
+    path = tmp_path_factory.mktemp("q4") / "llama-q4.gguf"
+    return export_gguf(hf_models["llama"], "llama", path, vocab, edit=_quantize_matrices(qtype_of))
+
+
+def test_int4_blocks_read_as_the_gguf_package_dequantizes(q4_gguf):
+    f = GGUFFile(q4_gguf)
+    for name in ("blk.0.attn_q.weight", "blk.1.ffn_down.weight", "output.weight"):
+        codes, scales, zeros = f.int4_blocks(name)
+        assert codes.dtype == torch.uint8 and int(codes.max()) <= 15
+        w = (codes.float() - 8) * scales.repeat_interleave(32, 1) + zeros.repeat_interleave(32, 1)
+        torch.testing.assert_close(w, f.tensor(name), atol=1e-6, rtol=0)
+    assert f.int4_blocks("token_embd.weight") is None  # Q8_0 is not a 4-bit type
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int4_from_q4_blocks_is_the_gguf_dequantization(q4_gguf, dtype):
+    """Built from the blocks, not re-quantized: fp32 is exact, bf16 within the rounding of the
+    scales and zero points to bf16 (half a bf16 step of 8 |scale| + |zero|)."""
+    from tokenmill.layers.quantized import Int4Linear
+    from tokenmill.models.llama import _unpermute_qk
+
+    loaded = load_model(q4_gguf, dtype=dtype, device="cpu", quantization="int4")
+    report = loaded.quantization
+    assert len(report.from_source) == len(report.layers) == 2 * 4 + 1  # every linear, the LM head too
+    f, cfg = GGUFFile(q4_gguf), loaded.config
+    layer = loaded.model.model.layers[1]
+    refs = {
+        layer.self_attn.qkv_proj: torch.cat(
+            [
+                _unpermute_qk(f.tensor("blk.1.attn_q.weight"), cfg.num_heads),
+                _unpermute_qk(f.tensor("blk.1.attn_k.weight"), cfg.num_kv_heads),
+                f.tensor("blk.1.attn_v.weight"),
+            ]
+        ),
+        layer.mlp.down_proj: f.tensor("blk.1.ffn_down.weight"),  # Q4_0: zero point 0
+        loaded.model.lm_head: f.tensor("output.weight"),
+    }
+    for module, ref in refs.items():
+        assert isinstance(module, Int4Linear) and module.group_size == 32
+        got = module.dequantized_weight()
+        if dtype == "float32":
+            torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
+        else:
+            sz = module.scales_and_zeros.float()
+            s = sz[..., 0].t().repeat_interleave(32, 1)
+            z = sz[..., 1].t().repeat_interleave(32, 1)
+            assert ((got - ref).abs() <= (8 * s.abs() + z.abs()) * 2**-8 + 1e-7).all()
+
+
+def test_int4_from_q4_blocks_gives_the_float_models_logits(q4_gguf):
+    ref = _logits(load_model(q4_gguf, dtype="float32", device="cpu").model, IDS)
+    got = _logits(load_model(q4_gguf, dtype="float32", device="cpu", quantization="int4").model, IDS)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+def test_other_gguf_types_are_quantized_again(q4_gguf, llama_gguf):
+    # F32 matrices have no blocks to reuse; int8 cannot hold Q4 blocks (one scale per channel).
+    assert (
+        load_model(llama_gguf, dtype="float32", device="cpu", quantization="int4").quantization.from_source
+        == []
+    )
+    int8 = load_model(q4_gguf, dtype="float32", device="cpu", quantization="int8").quantization
+    assert int8.from_source == [] and len(int8.layers) == 9

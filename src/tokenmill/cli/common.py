@@ -39,6 +39,7 @@ def load_llm(args: argparse.Namespace):
         dtype=None if args.dtype == "auto" else args.dtype,
         device=args.device,
         revision=args.revision,
+        quantization=args.quantization,
     )
 
 

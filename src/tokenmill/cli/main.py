@@ -15,6 +15,10 @@ SUBCOMMANDS = {
     "models": ("tokenmill.cli.models", "List the models tokenmill can run offline here."),
     "serve": ("tokenmill.cli.serve", "Serve a model over an OpenAI-compatible HTTP API."),
     "bench": ("tokenmill.cli.bench", "Benchmark a running server: latency and throughput at the client."),
+    "perplexity": (
+        "tokenmill.cli.perplexity",
+        "Measure a model's perplexity on a text (default: the shipped essay).",
+    ),
 }
 
 
@@ -28,6 +32,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument(
+        "--quantization",
+        default="none",
+        choices=["none", "int8", "int4"],
+        help="keep the linear layers' weights in int8 (per channel) or int4 (groups of 32); "
+        "activations stay in --dtype (default: none)",
+    )
 
 
 def add_sampling_args(p: argparse.ArgumentParser, default_max_tokens: int) -> None:
@@ -139,12 +150,28 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--json-out", default=None, help="also write the results as JSON here")
 
 
+def _perplexity_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument(
+        "--file", "-f", default=None, help="UTF-8 text file (default: the essay shipped with tokenmill)"
+    )
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    p.add_argument(
+        "--window", type=int, default=None, help="tokens per forward pass (default: 1024, or the context)"
+    )
+    p.add_argument(
+        "--stride", type=int, default=None, help="tokens the window advances by (default: half the window)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 _ADDERS = {
     "generate": _generate_args,
     "chat": _chat_args,
     "models": _models_args,
     "serve": _serve_args,
     "bench": _bench_args,
+    "perplexity": _perplexity_args,
 }
 
 

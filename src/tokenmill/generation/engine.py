@@ -51,8 +51,13 @@ class EngineConfig:
     kv_cache_memory: int | None = None
     enable_prefix_caching: bool = True
     max_waiting: int | None = None
+    #: weight-only quantization of the linear layers: "int8", "int4" or None
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
+        from tokenmill.layers.quantized import check_quantization
+
+        self.quantization = check_quantization(self.quantization)
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -136,7 +141,13 @@ class LLMEngine:
     def from_config(cls, config: EngineConfig) -> LLMEngine:
         from tokenmill.weights.model_loader import load_model
 
-        loaded = load_model(config.model, dtype=config.dtype, device=config.device, revision=config.revision)
+        loaded = load_model(
+            config.model,
+            dtype=config.dtype,
+            device=config.device,
+            revision=config.revision,
+            quantization=config.quantization,
+        )
         return cls(loaded, config)
 
     def default_kv_memory(self, per_block: int) -> int:

@@ -34,6 +34,8 @@ class LLM:
             prefilled in chunks of at most this many tokens).
         kv_cache_memory: bytes for the paged KV cache (default: from free memory).
         enable_prefix_caching: reuse the KV blocks of prompts that share a prefix.
+        quantization: "int8" or "int4" to keep every linear layer's weight quantized
+            (weight-only; activations stay in ``dtype``), or None. See docs/quantization.md.
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class LLM:
         max_num_batched_tokens: int = 1024,
         kv_cache_memory: int | None = None,
         enable_prefix_caching: bool = True,
+        quantization: str | None = None,
     ) -> None:
         from tokenmill.weights.model_loader import load_model
 
@@ -57,8 +60,11 @@ class LLM:
             max_num_batched_tokens=max_num_batched_tokens,
             kv_cache_memory=kv_cache_memory,
             enable_prefix_caching=enable_prefix_caching,
+            quantization=quantization,
         )
-        loaded = load_model(model, dtype=dtype, device=device, revision=revision)
+        loaded = load_model(
+            model, dtype=dtype, device=device, revision=revision, quantization=config.quantization
+        )
         self.loaded = loaded
         self.engine = LLMEngine(loaded, config)
         self.config = loaded.config

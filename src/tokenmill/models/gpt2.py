@@ -18,6 +18,9 @@ from tokenmill.models.config import DecoderConfig, gguf_get, gguf_special_ids, h
 class Conv1D(nn.Module):
     """A linear layer whose weight is stored (in, out), as GPT-2 checkpoints store it."""
 
+    #: read by quantize_model: a linear layer whose weight is the transpose of nn.Linear's
+    weight_is_in_out = True
+
     def __init__(self, n_in: int, n_out: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_in, n_out))

@@ -50,6 +50,7 @@ def engine_config(args: argparse.Namespace) -> Any:
         kv_cache_memory=kv_bytes,
         enable_prefix_caching=not args.no_prefix_caching,
         max_waiting=args.max_waiting,
+        quantization=args.quantization,
     )
 
 

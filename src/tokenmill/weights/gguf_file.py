@@ -181,6 +181,39 @@ class GGUFFile:
                 "gguf package cannot dequantize; upgrade gguf or re-quantize the file"
             ) from e
 
+    def int4_blocks(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """A Q4_0 or Q4_1 matrix as it is stored: 4-bit codes with one scale and zero point
+        per block of 32 inputs, so that ``w = (q - 8) * scale + zero``; None for other types.
+
+        Q4_0 stores ``w = d * (q - 8)`` (scale d, zero 0); Q4_1 stores ``w = d * q + m``
+        (scale d, zero m + 8d). Returns codes (rows, cols) uint8 in [0, 15] and scales and
+        zeros (rows, cols / 32) float32, rows in PyTorch (out, in) orientation.
+        """
+        import gguf
+
+        Q = gguf.GGMLQuantizationType
+        info = self.tensor_info[name]
+        if info.qtype not in (Q.Q4_0, Q.Q4_1) or len(info.shape) != 2:
+            return None
+        rows, cols = info.shape
+        size = gguf.GGML_QUANT_SIZES[Q(info.qtype)][1]
+        raw = np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        blocks = raw.reshape(-1, size)  # one row per block of 32 weights
+        d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # (blocks, 1)
+        if info.qtype == Q.Q4_1:
+            zero = blocks[:, 2:4].copy().view(np.float16).astype(np.float32) + 8 * d
+            qs = blocks[:, 4:]
+        else:
+            zero = np.zeros_like(d)
+            qs = blocks[:, 2:]
+        # Weight j of a block is the low nibble of byte j, weight j + 16 its high nibble.
+        codes = np.concatenate([qs & 15, qs >> 4], axis=1)  # (blocks, 32)
+        return (
+            torch.from_numpy(codes.reshape(rows, cols)),
+            torch.from_numpy(d.reshape(rows, cols // 32)),
+            torch.from_numpy(zero.reshape(rows, cols // 32)),
+        )
+
 
 def _tensor_nbytes(dims: list[int], qtype: int, path: str, name: str) -> int:
     import gguf

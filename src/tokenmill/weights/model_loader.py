@@ -13,12 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenmill.layers.quantized import Int4Source, QuantizationReport, check_quantization, quantize_model
 from tokenmill.models.config import DecoderConfig
 from tokenmill.models.registry import family_for
 from tokenmill.tokenization.tokenizer import Tokenizer
 from tokenmill.utils.devices import resolve_device, resolve_dtype
 from tokenmill.weights.errors import ModelLoadError
-from tokenmill.weights.loader import LoadReport, load_weights
+from tokenmill.weights.loader import LoadReport, _resolve_target, load_weights
 from tokenmill.weights.packaged import DEFAULT_MODEL, PACKAGED, packaged_path
 
 _REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
@@ -33,6 +34,8 @@ class LoadedModel:
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     report: LoadReport | None = None
+    #: what quantize_model did, None for full-precision weights
+    quantization: QuantizationReport | None = None
 
 
 def resolve_source(model: str | None, revision: str | None = None) -> str:
@@ -73,9 +76,22 @@ def _build(family: Any, cfg: DecoderConfig, dtype: torch.dtype) -> nn.Module:
     return model.to(dtype)
 
 
-def _finalize(model: nn.Module, device: torch.device) -> nn.Module:
+def _quantize(
+    model: nn.Module,
+    device: torch.device,
+    quantization: str | None,
+    int4_sources: dict[str, Int4Source] | None = None,
+) -> QuantizationReport | None:
+    """Quantize every linear layer on ``device``, before the model moves there: one layer
+    at a time, each full-precision weight freed as soon as its layer is replaced."""
+    return quantize_model(model.eval(), quantization, device=device, sources=int4_sources)
+
+
+def _finalize(model: nn.Module, device: torch.device, quantized: bool = False) -> nn.Module:
     """Move to ``device`` and pick the fastest weight layout there."""
     model = model.to(device).eval()
+    if quantized:  # quantized layers already have their kernels' layouts
+        return model
     dtype = next(model.parameters()).dtype
     if device.type == "cpu" and dtype == torch.float32:
         # PyTorch's fp32 GEMV is single-threaded; split layers run on every core.
@@ -104,14 +120,16 @@ def _read_json(path: str) -> dict[str, Any]:
         raise ModelLoadError(f"{path} is not valid JSON: {e}") from e
 
 
-def load_from_dir(model_dir: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def load_from_dir(
+    model_dir: str, dtype: torch.dtype, device: torch.device, quantization: str | None = None
+) -> LoadedModel:
     from tokenmill.weights.safetensors_dir import iter_safetensors
 
     cfg_path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(cfg_path):
         ggufs = sorted(f for f in os.listdir(model_dir) if f.endswith(".gguf"))
         if len(ggufs) == 1:
-            return load_from_gguf(os.path.join(model_dir, ggufs[0]), dtype, device)
+            return load_from_gguf(os.path.join(model_dir, ggufs[0]), dtype, device, quantization)
         hint = f"; it holds several GGUF files, name one: {', '.join(ggufs)}" if ggufs else ""
         raise ModelLoadError(f"no config.json in {model_dir}{hint}")
     hf = _read_json(cfg_path)
@@ -136,7 +154,9 @@ def load_from_dir(model_dir: str, dtype: torch.dtype, device: torch.device) -> L
             n.endswith("rotary_emb.inv_freq") or n.endswith(".attn.bias") or n.endswith(".attn.masked_bias")
         ),
     )
-    return LoadedModel(_finalize(model, device), tokenizer, cfg, gen_defaults, model_dir, report)
+    quantized = _quantize(model, device, quantization)
+    model = _finalize(model, device, quantized is not None)
+    return LoadedModel(model, tokenizer, cfg, gen_defaults, model_dir, report, quantized)
 
 
 def _gguf_to_hf_name(name: str, names: dict[str, str], block_prefix: str) -> str:
@@ -152,7 +172,9 @@ def _gguf_to_hf_name(name: str, names: dict[str, str], block_prefix: str) -> str
     return name  # unknown names stay as they are and the strict loader reports them
 
 
-def load_from_gguf(path: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def load_from_gguf(
+    path: str, dtype: torch.dtype, device: torch.device, quantization: str | None = None
+) -> LoadedModel:
     from tokenmill.tokenization.gguf_tokenizer import tokenizer_from_gguf
     from tokenmill.weights.gguf_file import GGUFFile
 
@@ -187,7 +209,56 @@ def load_from_gguf(path: str, dtype: torch.dtype, device: torch.device) -> Loade
 
     transform = family.gguf_transform(cfg, arch) if family.gguf_transform else None
     report = load_weights(model, renamed(), source=path, transform=transform, describe=describe)
-    return LoadedModel(_finalize(model, device), tokenizer, cfg, {}, path, report)
+    sources = _gguf_int4_sources(gguf, model, hf_to_gguf, transform) if quantization == "int4" else None
+    quantized = _quantize(model, device, quantization, sources)
+    model = _finalize(model, device, quantized is not None)
+    return LoadedModel(model, tokenizer, cfg, {}, path, report, quantized)
+
+
+def _gguf_int4_sources(
+    gguf: Any, model: nn.Module, hf_to_gguf: dict[str, str], transform: Any
+) -> dict[str, Int4Source]:
+    """Linear layers whose every shard is stored as Q4_0 or Q4_1: their blocks become int4
+    layers as they are (group size 32), with no second rounding.
+
+    Every other GGUF type is dequantized by the ``gguf`` package and quantized again:
+    Q8_0 to int8 per channel (its per-32 scales do not fit one scale per channel) or to
+    int4, and Q4_x to int8, F16/BF16/F32 and the K-quants to either.
+    """
+    import gguf as gguf_pkg
+
+    q4 = {gguf_pkg.GGMLQuantizationType.Q4_0, gguf_pkg.GGMLQuantizationType.Q4_1}
+    packed: dict[str, tuple[str, int]] = getattr(model, "packed_modules", {})
+    shards: dict[str, dict[int | None, str]] = {}
+    for hf_name in hf_to_gguf:
+        target, shard = _resolve_target(model, hf_name, packed)
+        if target.endswith(".weight"):
+            shards.setdefault(target[: -len(".weight")], {})[shard] = hf_name
+    sources: dict[str, Int4Source] = {}
+    for module_name, parts in shards.items():
+        module = model.get_submodule(module_name)
+        if not isinstance(module, nn.Linear):
+            continue  # embeddings and norms stay as they are; GPT-2's (in, out) Conv1D re-quantizes
+        sizes = getattr(module, "shard_sizes", None)
+        order: list[int | None] = list(range(len(sizes))) if sizes is not None else [None]
+        if set(parts) != set(order):
+            continue
+        if not all(gguf.tensor_info[hf_to_gguf[parts[i]]].qtype in q4 for i in order):
+            continue
+
+        def source(names=tuple(parts[i] for i in order)):
+            pieces = []
+            for hf_name in names:
+                blocks = gguf.int4_blocks(hf_to_gguf[hf_name])
+                # q/k rows are stored permuted; the fix-up moves whole rows, so it applies
+                # to codes, scales and zeros alike (the result is checked against the weight).
+                if transform is not None:
+                    blocks = tuple(transform(hf_name, t) for t in blocks)
+                pieces.append(blocks)
+            return tuple(torch.cat(ts) for ts in zip(*pieces))
+
+        sources[module_name] = source
+    return sources
 
 
 def _merge_eos(cfg: DecoderConfig, tokenizer: Tokenizer, gen: dict[str, Any]) -> None:
@@ -206,21 +277,25 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     revision: str | None = None,
+    quantization: str | None = None,
 ) -> LoadedModel:
     """Load a model by short name, directory, .gguf file or Hub repo id.
 
     Args:
         model: None for the embedded default model.
-        dtype: "float32", "bfloat16" (default) or "float16".
+        dtype: "float32", "bfloat16" (default) or "float16": the activations' dtype.
         device: "cpu", "cuda" or None for the best available.
+        quantization: "int8", "int4" (group size 32) or None: weight-only quantization of
+            every linear layer, done on ``device`` (see tokenmill.layers.quantized).
     """
+    quantization = check_quantization(quantization)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     source = resolve_source(model, revision)
     if os.path.isdir(source):
-        return load_from_dir(source, dt, dev)
+        return load_from_dir(source, dt, dev, quantization)
     if source.endswith(".gguf") or _is_gguf(source):
-        return load_from_gguf(source, dt, dev)
+        return load_from_gguf(source, dt, dev, quantization)
     raise ModelLoadError(f"{source} is neither a model directory nor a GGUF file")
 
 

@@ -1,0 +1,1 @@
+"""Measurements of model quality: perplexity."""

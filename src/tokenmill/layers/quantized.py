@@ -1,0 +1,482 @@
+"""Weight-only int8 and int4 linear layers whose weights stay quantized in memory.
+
+Activations stay in the model's dtype; only the weights shrink. Each layer runs one of
+PyTorch's packed kernels where this build has one for the device, dtype and shape, and
+otherwise dequantizes its weight and calls an ordinary matmul, which is never silently
+wrong, only slower:
+
+- int8: ``aten._weight_int8pack_mm`` for decode-sized batches: on CPU up to 8 rows in
+  bf16 (only when in_features is a multiple of 16, see ``Int8Linear._kernel_fits``) and
+  1 row in fp16/fp32 (those CPU kernels are scalar); on CUDA, where the build registers
+  it, up to 16 rows in bf16/fp16. More rows take oneDNN/cuBLAS on the weight converted
+  to the activation dtype.
+- int4: ``aten._weight_int4pack_mm_for_cpu`` (CPU, bf16) and ``aten._weight_int4pack_mm``
+  (CUDA, bf16), at every batch size. fp16/fp32 activations and shapes the kernels reject
+  (in_features not a multiple of the group size, out_features not a multiple of 16 on
+  CPU or 8 on CUDA) keep the codes in a plain layout and dequantize on each call.
+
+Int8 is symmetric per output channel: ``w = q * scale``, q in [-127, 127]. Int4 is
+asymmetric per group of ``group_size`` input features: ``w = (q - 8) * scale + zero``,
+q in [0, 15], which is exactly what the int4 kernels compute from ``scales_and_zeros``
+of shape (K / group_size, N, 2) (checked in tests/unit/test_quantized.py).
+
+Scales and zero points are stored in the activation dtype, as the kernels need them,
+and codes are chosen against the rounded scales, so the dequantized weight that the
+reference path uses is exactly what the kernel computes with.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger("tokenmill.quantization")
+
+QUANTIZATION_MODES = ("int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128)
+
+# Rows up to which the int8 kernel beats dequantize-then-matmul on CPU (torch 2.13): the
+# bf16 kernel is up to 2x faster than a bf16 GEMV for one row, even at four, and about as
+# fast as converting the weight and calling oneDNN at eight (the LM head gains, small
+# layers lose a little); the fp16 and fp32 kernels are scalar, so only one row gains.
+# On CUDA (not run here: no GPU) bf16/fp16 decode batches take the kernel.
+_INT8_KERNEL_MAX_ROWS = {torch.bfloat16: 8, torch.float16: 1, torch.float32: 1}
+_INT8_KERNEL_MAX_ROWS_CUDA = 16
+# Rows of a prequantized weight checked against the loaded one.
+_CHECK_ROWS = 256
+# Identity rows per kernel call when reading int4 codes back from a packed layout.
+_UNPACK_CHUNK = 1024
+
+#: (codes (N, K) uint8 in [0, 15], scales (N, K / 32), zeros (N, K / 32)) of a prequantized weight
+Int4Source = Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def check_quantization(mode: str | None) -> str | None:
+    """The canonical mode name ("int8", "int4") or None for no quantization."""
+    if mode is None or (isinstance(mode, str) and mode.lower() == "none"):
+        return None
+    if isinstance(mode, str) and mode.lower() in QUANTIZATION_MODES:
+        return mode.lower()
+    raise ValueError(f"quantization must be one of 'int8', 'int4' or None ('none'), got {mode!r}")
+
+
+def check_group_size(group_size: int) -> int:
+    if isinstance(group_size, bool) or group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group_size must be one of 32, 64, 128, got {group_size!r}")
+    return group_size
+
+
+@functools.cache
+def _has_kernel(op: str, device_type: str) -> bool:
+    """Whether this PyTorch build registers ``aten::op`` for the device (CPU-only builds have no CUDA ones)."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None or not hasattr(torch.ops.aten, op):
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", key)
+
+
+def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    return x.reshape(-1, in_features).contiguous()  # (M, K); the kernels need a contiguous last dim
+
+
+class Int8Linear(nn.Module):
+    """``nn.Linear`` with an int8 weight (N, K) and one scale per output channel.
+
+    Buffers: ``qweight`` (N, K) int8, ``scales`` (N,) and ``bias`` (N,) or None in the
+    activation dtype.
+    """
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", bias)
+        self.kernel = (
+            "_weight_int8pack_mm" if _has_kernel("_weight_int8pack_mm", qweight.device.type) else None
+        )
+
+    @classmethod
+    def from_float(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Int8Linear:
+        """Quantize ``weight`` (N, K) on ``device`` (default: where it is); scales in ``dtype``."""
+        dtype = dtype or weight.dtype
+        w = weight.detach().to(device=device, dtype=torch.float32)  # (N, K)
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-8).to(dtype)  # (N,)
+        q = torch.round(w / scales.float().unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+        del w
+        b = None if bias is None else bias.detach().to(device=q.device, dtype=dtype)
+        return cls(q, scales, b)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight the layer computes with, (N, K) float32: the reference."""
+        return self.qweight.float() * self.scales.float().unsqueeze(1)
+
+    @property
+    def fallback(self) -> str | None:
+        """Why this layer never runs the kernel, or None."""
+        if self.kernel is None:
+            return f"this PyTorch build has no int8 kernel for {self.qweight.device.type}"
+        if self.scales.dtype == torch.bfloat16 and self.in_features % 16 and self.qweight.is_cpu:
+            return f"in_features {self.in_features} is not a multiple of 16, which the bf16 kernel needs"
+        return None
+
+    def _kernel_fits(self, x2: torch.Tensor) -> bool:
+        if x2.device.type == "cuda":  # bf16/fp16 only: what gpt-fast-style int8 decode uses there
+            return x2.dtype != torch.float32 and x2.shape[0] <= _INT8_KERNEL_MAX_ROWS_CUDA
+        # The bf16 CPU kernel (torch 2.13) returns garbage, or crashes, unless K is a multiple
+        # of 16: found by sweeping K, N and M against the reference (fp16 and fp32 were right).
+        if x2.dtype == torch.bfloat16 and self.in_features % 16:
+            return False
+        return x2.shape[0] <= _INT8_KERNEL_MAX_ROWS.get(x2.dtype, 0)
+
+    def forward(self, x: torch.Tensor, use_kernel: bool = True) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = _rows(x, self.in_features)  # (M, K)
+        if not use_kernel:
+            out = F.linear(x2, self.dequantized_weight().to(x.dtype), self.bias)
+        elif self.kernel is not None and self._kernel_fits(x2):
+            out = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales.to(x.dtype))
+            if self.bias is not None:
+                out = out + self.bias
+        else:
+            # int8 values are exact in every float dtype, so scaling after the matmul is the
+            # same product, and N multiplies instead of N * K.
+            out = F.linear(x2, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
+            if self.bias is not None:
+                out = out + self.bias
+        return out.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, kernel={self.kernel}"
+        )
+
+
+def _int4_layout(
+    out_features: int, in_features: int, group_size: int, dtype: torch.dtype, device: torch.device
+) -> tuple[str, str | None]:
+    """("cpu" | "cuda" | "plain", why the plain fallback was chosen or None)."""
+    N, K, G = out_features, in_features, group_size
+    if device.type == "cpu":
+        if dtype != torch.bfloat16:
+            return "plain", f"{dtype} activations (the CPU int4 kernel is fast only for bfloat16)"
+        if not _has_kernel("_weight_int4pack_mm_for_cpu", "cpu"):
+            return "plain", "this PyTorch build has no CPU int4 kernel"
+        if K % G:
+            return "plain", f"in_features {K} is not a multiple of the group size {G}"
+        if N % 16:
+            return "plain", f"out_features {N} is not a multiple of 16"
+        return "cpu", None
+    if device.type == "cuda":
+        if not _has_kernel("_weight_int4pack_mm", "cuda"):
+            return "plain", "this PyTorch build has no CUDA int4 kernel"
+        if dtype != torch.bfloat16:
+            return "plain", f"the CUDA int4 kernel takes bfloat16 activations, not {dtype}"
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            return "plain", "the CUDA int4 kernel needs compute capability 8.0 or newer"
+        if K % G:  # G is a multiple of 32, so K also fits the kernel's 16 * inner_k_tiles tiles
+            return "plain", f"in_features {K} is not a multiple of the group size {G}"
+        if N % 8:
+            return "plain", f"out_features {N} is not a multiple of 8"
+        return "cuda", None
+    return "plain", f"no int4 kernel for device {device.type}"
+
+
+def _inner_k_tiles(in_features: int) -> int:
+    # The CUDA layout tiles K by 16 * inner_k_tiles; the largest tile that divides K.
+    return next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
+
+
+def _pack_plain(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes in [0, 15] -> (N, ceil(K / 2)) uint8: even k in the low nibble."""
+    if codes.shape[1] % 2:
+        codes = F.pad(codes, (0, 1))
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+
+
+def _unpack_plain(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    N = packed.shape[0]
+    return torch.stack([packed & 15, packed >> 4], dim=-1).view(N, -1)[:, :in_features]  # (N, K)
+
+
+class Int4Linear(nn.Module):
+    """``nn.Linear`` with a 4-bit weight: one scale and zero point per ``group_size`` inputs.
+
+    Buffers: ``qweight`` in the layout of the kernel that runs it ("cpu": uint8 (N, K / 2)
+    from ``_convert_weight_to_int4pack_for_cpu``; "cuda": int32 tiles from
+    ``_convert_weight_to_int4pack``; "plain": uint8 (N, ceil(K / 2)), even k in the low
+    nibble), ``scales_and_zeros`` (ceil(K / G), N, 2) and ``bias`` (N,) or None in the
+    activation dtype. ``fallback`` says why a layer runs the plain path, or is None.
+    """
+
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        bias: torch.Tensor | None,
+        group_size: int,
+        layout: str | None = None,
+    ) -> None:
+        """codes: (N, K) uint8 in [0, 15]; scales, zeros: (N, ceil(K / G)) in the activation
+        dtype; ``layout`` None picks the fastest for the device, dtype and shape."""
+        super().__init__()
+        N, K = codes.shape
+        self.out_features, self.in_features, self.group_size = N, K, group_size
+        dtype, device = scales.dtype, codes.device
+        reason = "the plain layout was asked for" if layout == "plain" else None
+        if layout is None:
+            layout, reason = _int4_layout(N, K, group_size, dtype, device)
+        self.layout, self.fallback = layout, reason
+        if layout == "cpu":
+            qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                codes.to(torch.int32).contiguous(), 1
+            )
+        elif layout == "cuda":
+            packed = (codes[:, 0::2] << 4 | codes[:, 1::2]).to(torch.uint8).contiguous()  # even k high
+            qweight = torch.ops.aten._convert_weight_to_int4pack(packed, _inner_k_tiles(K))
+        elif layout == "plain":
+            qweight = _pack_plain(codes)
+        else:
+            raise ValueError(f"int4 layout must be 'cpu', 'cuda' or 'plain', got {layout!r}")
+        self.register_buffer("qweight", qweight)
+        sz = torch.stack([scales.t(), zeros.t()], dim=-1).contiguous()  # (K / G, N, 2)
+        self.register_buffer("scales_and_zeros", sz)
+        self.register_buffer("bias", bias)
+
+    @property
+    def kernel(self) -> str | None:
+        return {"cpu": "_weight_int4pack_mm_for_cpu", "cuda": "_weight_int4pack_mm"}.get(self.layout)
+
+    @classmethod
+    def from_float(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        group_size: int = 32,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        layout: str | None = None,
+    ) -> Int4Linear:
+        """Quantize ``weight`` (N, K) with min/max per group on ``device``; scales in ``dtype``."""
+        check_group_size(group_size)
+        dtype = dtype or weight.dtype
+        w = weight.detach().to(device=device, dtype=torch.float32)  # (N, K)
+        N, K = w.shape
+        G = group_size
+        pad = -K % G
+        if pad:  # repeat the last column: it changes no group's min or max
+            w = torch.cat([w, w[:, -1:].expand(N, pad)], dim=1)
+        g = w.view(N, -1, G)  # (N, K / G, G)
+        lo, hi = g.amin(dim=2), g.amax(dim=2)
+        scales = ((hi - lo) / 15).clamp(min=1e-6).to(dtype)  # (N, K / G)
+        zeros = (lo + 8 * scales.float()).to(dtype)
+        # Codes against the rounded scales and zeros: what the kernel will dequantize with.
+        lo_r = zeros.float() - 8 * scales.float()
+        codes = torch.round((g - lo_r.unsqueeze(2)) / scales.float().unsqueeze(2)).clamp_(0, 15)
+        codes = codes.to(torch.uint8).view(N, -1)[:, :K]
+        del w, g
+        b = None if bias is None else bias.detach().to(device=codes.device, dtype=dtype)
+        return cls(codes, scales, zeros, b, group_size, layout)
+
+    def codes(self) -> torch.Tensor:
+        """The 4-bit codes, (N, K) uint8."""
+        if self.layout == "plain":
+            return _unpack_plain(self.qweight, self.in_features)
+        # The packed layouts are the kernels' own; read them back through the kernel with
+        # scale 1 and zero 8, where (q - 8) * 1 + 8 = q exactly.
+        sz = torch.empty_like(self.scales_and_zeros)
+        sz[..., 0], sz[..., 1] = 1, 8
+        K = self.in_features
+        eye = torch.eye(K, dtype=sz.dtype, device=sz.device)
+        cols = [self._kernel_mm(eye[i : i + _UNPACK_CHUNK], sz) for i in range(0, K, _UNPACK_CHUNK)]
+        return torch.cat(cols).t().round().to(torch.uint8)  # (K, N) -> (N, K)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the layer computes with, (N, K), computed in float32 and returned in
+        ``dtype``: the reference, and the weight of the plain path."""
+        N, K, G = self.out_features, self.in_features, self.group_size
+        sz = self.scales_and_zeros.float().permute(1, 0, 2)  # (N, K / G, 2)
+        codes = self.codes()
+        if K % G:
+            codes = F.pad(codes, (0, -K % G))
+        w = codes.view(N, -1, G).float().sub_(8).mul_(sz[..., :1]).add_(sz[..., 1:])  # (N, K / G, G)
+        return w.view(N, -1)[:, :K].to(dtype)
+
+    def _kernel_mm(self, x2: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+        if self.layout == "cpu":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, sz)
+        return torch.ops.aten._weight_int4pack_mm(x2, self.qweight, self.group_size, sz)
+
+    def forward(self, x: torch.Tensor, use_kernel: bool = True) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = _rows(x, self.in_features)  # (M, K)
+        if use_kernel and self.layout != "plain":
+            if x.device.type != self.layout:
+                raise RuntimeError(
+                    f"this Int4Linear was packed for {self.layout} but got input on {x.device.type}; "
+                    "quantize the model on the device that runs it"
+                )
+            if self.layout == "cpu" or x.dtype == torch.bfloat16:
+                out = self._kernel_mm(x2, self.scales_and_zeros.to(x.dtype))
+                if self.bias is not None:
+                    out = out + self.bias
+                return out.view(*lead, self.out_features)
+        out = F.linear(x2, self.dequantized_weight(x.dtype), self.bias)
+        return out.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        s = (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, group_size={self.group_size}, kernel={self.kernel}"
+        )
+        return s + (f", fallback={self.fallback!r}" if self.fallback else "")
+
+
+@dataclass
+class QuantizationReport:
+    """What ``quantize_model`` did, layer by layer (module names)."""
+
+    mode: str
+    group_size: int | None = None
+    #: every replaced layer
+    layers: list[str] = field(default_factory=list)
+    #: int4 layers built straight from prequantized codes (GGUF Q4_0 / Q4_1 blocks)
+    from_source: list[str] = field(default_factory=list)
+    #: layers that run the dequantize-then-matmul path, with the reason
+    fallback: dict[str, str] = field(default_factory=dict)
+
+
+def _linear_weight(module: nn.Module) -> torch.Tensor | None:
+    """The (out, in) weight of a linear layer, or None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if getattr(module, "weight_is_in_out", False):  # GPT-2's Conv1D stores (in, out)
+        return module.weight.t()
+    return None
+
+
+def _source_matches(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, weight: torch.Tensor, group_size: int
+) -> bool:
+    """Whether prequantized codes dequantize to the loaded weight, up to the rounding of
+    the weight, scales and zeros to the activation dtype (a misplaced row is off by steps)."""
+    if tuple(codes.shape) != tuple(weight.shape):
+        return False
+    N, K = codes.shape
+    # A sample of rows spread over the matrix is enough to catch a misplaced row or nibble.
+    rows = torch.linspace(0, N - 1, min(N, _CHECK_ROWS), device=codes.device).long()
+    s = scales[rows].float().repeat_interleave(group_size, dim=1)[:, :K]  # (R, K)
+    z = zeros[rows].float().repeat_interleave(group_size, dim=1)[:, :K]
+    w = weight.detach()[rows.to(weight.device)].to(device=codes.device, dtype=torch.float32)
+    codes = codes[rows]
+    eps = max(torch.finfo(weight.dtype).eps, torch.finfo(scales.dtype).eps)
+    tol = (8 * s.abs() + z.abs() + w.abs()) * eps + 1e-6
+    return bool(((codes.float() - 8) * s + z - w).abs().le(tol).all())
+
+
+def quantize_model(
+    model: nn.Module,
+    mode: str | None,
+    group_size: int = 32,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    sources: Mapping[str, Int4Source] | None = None,
+) -> QuantizationReport | None:
+    """Replace every linear layer of ``model`` (the LM head too) by its quantized version, in place.
+
+    Layers are quantized one at a time on ``device`` (default: where each weight is), and
+    each full-precision weight is freed as soon as its layer is replaced, so the peak is
+    the model plus one layer. A tied LM head is quantized from the embedding's weight,
+    which itself stays in full precision. Attributes the models read off their linears
+    (``shard_sizes``) carry over.
+
+    Args:
+        mode: "int8", "int4", or None / "none" to change nothing.
+        group_size: input features per int4 scale and zero point: 32, 64 or 128.
+        dtype: activation dtype for the scales (default: each weight's own dtype).
+        sources: int4 only: module name -> prequantized codes to use instead of quantizing
+            the weight (GGUF Q4_0 / Q4_1 blocks). Each is checked against the loaded weight.
+
+    Returns:
+        A QuantizationReport, or None when ``mode`` is None.
+    """
+    mode = check_quantization(mode)
+    if mode is None:
+        return None
+    if mode == "int4":
+        check_group_size(group_size)
+    report = QuantizationReport(mode, group_size if mode == "int4" else None)
+    # Names only: holding the modules themselves would keep every old weight alive.
+    names = [name for name, m in model.named_modules() if _linear_weight(m) is not None]
+    for name in names:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        child = getattr(parent, child_name)
+        weight = _linear_weight(child)
+        assert weight is not None
+        dev = torch.device(device) if device is not None else weight.device
+        dt = dtype or weight.dtype
+        bias = child.bias
+        with torch.no_grad():
+            if mode == "int8":
+                q: Int8Linear | Int4Linear = Int8Linear.from_float(weight, bias, dtype=dt, device=dev)
+            else:
+                q = _int4_layer(name, weight, bias, group_size, dt, dev, sources, report)
+        for attr in ("shard_sizes",):
+            if hasattr(child, attr):
+                setattr(q, attr, getattr(child, attr))
+        setattr(parent, child_name, q)
+        del child, weight, bias  # the last references: the full-precision weight is freed here
+        report.layers.append(name)
+        if q.fallback:
+            report.fallback[name] = q.fallback
+    if report.fallback:
+        log.info(
+            "%s: %d of %d layers run dequantize-then-matmul (%s)",
+            mode,
+            len(report.fallback),
+            len(report.layers),
+            "; ".join(sorted(set(report.fallback.values()))),
+        )
+    return report
+
+
+def _int4_layer(
+    name: str,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    sources: Mapping[str, Int4Source] | None,
+    report: QuantizationReport,
+) -> Int4Linear:
+    source = sources.get(name) if sources is not None and group_size == 32 else None
+    if source is not None:
+        codes, scales, zeros = source()
+        codes = codes.to(device)
+        scales, zeros = scales.to(device=device, dtype=dtype), zeros.to(device=device, dtype=dtype)
+        # Check against the weight the loader dequantized, so a layout mistake cannot pass silently.
+        if _source_matches(codes, scales, zeros, weight, 32):
+            b = None if bias is None else bias.detach().to(device=device, dtype=dtype)
+            report.from_source.append(name)
+            return Int4Linear(codes, scales, zeros, b, 32)
+        log.warning("%s: its prequantized int4 blocks do not match the loaded weight; re-quantizing", name)
+    return Int4Linear.from_float(weight, bias, group_size, dtype=dtype, device=device)

@@ -1,0 +1,86 @@
+"""Quantized SmolLM2-135M-Instruct (the packaged Q4_1 GGUF) against its bf16 self.
+
+Perplexity is measured on the first 2,048 tokens of the shipped essay (of about 3,500),
+windows of 1,024 advancing by 512, to keep each test near 10-30 s of CPU on two cores.
+Acceptance: int8 within 2% of bf16, int4 within 6%.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.eval.perplexity import perplexity
+from tokenmill.layers.quantized import Int4Linear, Int8Linear
+from tokenmill.weights.model_loader import load_model
+
+pytestmark = [pytest.mark.real, pytest.mark.slow]
+
+NAME = "smollm2-135m-instruct"
+PPL = dict(max_tokens=2048, window=1024, stride=512)
+
+
+def _installed() -> None:
+    from tokenmill.weights.packaged import PACKAGED
+
+    if not PACKAGED[NAME].is_installed():
+        pytest.skip(f"{NAME} is not installed ({PACKAGED[NAME].install})")
+
+
+@pytest.fixture(scope="module")
+def bf16_ppl() -> float:
+    _installed()
+    return perplexity(load_model(NAME, dtype="bfloat16", device="cpu"), **PPL).perplexity
+
+
+@pytest.mark.parametrize("mode,limit", [("int8", 0.02), ("int4", 0.06)])
+def test_quantized_perplexity_is_close_to_bf16(bf16_ppl, mode, limit):
+    loaded = load_model(NAME, dtype="bfloat16", device="cpu", quantization=mode)
+    assert loaded.quantization.fallback == {}  # every SmolLM2 layer runs a packed kernel
+    r = perplexity(loaded, **PPL)
+    assert r.tokens == 2047
+    assert bf16_ppl < 40  # the model reads the essay as English
+    assert abs(r.perplexity / bf16_ppl - 1) < limit, (mode, r.perplexity, bf16_ppl)
+
+
+def test_int4_layers_come_from_the_q4_1_blocks():
+    """Every transformer layer's int4 weights are the GGUF Q4_1 blocks themselves, within the
+    rounding of their scales and zero points to bf16; only the LM head, tied to the Q8_0
+    embedding, is quantized from floats."""
+    _installed()
+    from tokenmill.models.llama import _unpermute_qk
+    from tokenmill.weights.gguf_file import GGUFFile
+
+    loaded = load_model(NAME, dtype="bfloat16", device="cpu", quantization="int4")
+    report = loaded.quantization
+    assert len(report.layers) == 30 * 4 + 1
+    assert set(report.layers) - set(report.from_source) == {"lm_head"}
+    f, cfg = GGUFFile(loaded.source), loaded.config
+    layer = loaded.model.model.layers[29]
+    refs = {
+        layer.self_attn.qkv_proj: torch.cat(
+            [
+                _unpermute_qk(f.tensor("blk.29.attn_q.weight"), cfg.num_heads),
+                _unpermute_qk(f.tensor("blk.29.attn_k.weight"), cfg.num_kv_heads),
+                f.tensor("blk.29.attn_v.weight"),
+            ]
+        ),
+        layer.mlp.down_proj: f.tensor("blk.29.ffn_down.weight"),
+    }
+    for module, ref in refs.items():
+        assert isinstance(module, Int4Linear) and module.kernel == "_weight_int4pack_mm_for_cpu"
+        sz = module.scales_and_zeros.float()
+        s = sz[..., 0].t().repeat_interleave(32, 1)
+        z = sz[..., 1].t().repeat_interleave(32, 1)
+        # half a bf16 step of the scale (times the largest |q - 8|) and of the zero point
+        assert ((module.dequantized_weight() - ref).abs() <= (8 * s.abs() + z.abs()) * 2**-8 + 1e-7).all()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_smollm2_still_knows_paris(mode):
+    _installed()
+    llm = LLM(NAME, dtype="bfloat16", quantization=mode)
+    assert isinstance(llm.loaded.model.lm_head, Int8Linear if mode == "int8" else Int4Linear)
+    out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=12))[0]
+    assert "Paris" in out.outputs[0].text
