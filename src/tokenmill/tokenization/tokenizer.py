@@ -25,6 +25,10 @@ class Tokenizer:
         pad_token: str | None = None,
         chat_template: str | None = None,
         extra_eos_tokens: list[str] | None = None,
+        special_tokens: dict[str, str] | None = None,
+        model_max_length: int | None = None,
+        clean_up_tokenization_spaces: bool = False,
+        tokenizer_class: str | None = None,
     ) -> None:
         self.backend = backend  # tokenizers.Tokenizer
         self.bos_token = bos_token
@@ -36,6 +40,14 @@ class Tokenizer:
         self.pad_token_id = self.token_to_id(pad_token)
         ids = [self.eos_token_id] + [self.token_to_id(t) for t in extra_eos_tokens or []]
         self.eos_token_ids = [i for i in dict.fromkeys(ids) if i is not None]
+        #: named special tokens from tokenizer_config.json: mask_token, cls_token, sep_token, unk_token
+        self.special_tokens = dict(special_tokens or {})
+        #: the longest input the model was trained on, as its tokenizer config says (None: not said)
+        self.model_max_length = model_max_length
+        #: decoded text drops spaces before punctuation (transformers' clean_up_tokenization)
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+        #: the transformers class that wrote the tokenizer ("MBart50Tokenizer", ...), if said
+        self.tokenizer_class = tokenizer_class
         self._special_ids = {
             self.backend.token_to_id(t.content)
             for t in self.backend.get_added_tokens_decoder().values()
@@ -46,6 +58,14 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def mask_token(self) -> str | None:
+        return self.special_tokens.get("mask_token")
+
+    @property
+    def mask_token_id(self) -> int | None:
+        return self.token_to_id(self.mask_token)
 
     def token_to_id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
@@ -110,6 +130,10 @@ class Tokenizer:
             backend = Backend.from_file(path)
         except Exception as e:
             raise ModelLoadError(f"{path} is not a readable tokenizer file: {e}") from e
+        # A tokenizer.json may carry the truncation and padding of whoever saved it
+        # (MiniLM's pads and cuts everything to 128); lengths are decided by the caller.
+        backend.no_truncation()
+        backend.no_padding()
         config: dict[str, Any] = {}
         cfg_path = os.path.join(model_dir, "tokenizer_config.json")
         if os.path.isfile(cfg_path):
@@ -127,11 +151,24 @@ class Tokenizer:
             named = {t["name"]: t["template"] for t in template}
             template = named.get("default") or next(iter(named.values()), None)
 
+        map_path = os.path.join(model_dir, "special_tokens_map.json")
+        if os.path.isfile(map_path):  # older checkpoints name their special tokens only here
+            try:
+                with open(map_path, encoding="utf-8") as f:
+                    config = {**json.load(f), **config}
+            except json.JSONDecodeError as e:
+                raise ModelLoadError(f"{map_path} is not valid JSON: {e}") from e
+
         def token(key: str) -> str | None:
             value = config.get(key)
             if isinstance(value, dict):
                 value = value.get("content")
-            return value
+            return value if isinstance(value, str) else None
+
+        named = ("mask_token", "cls_token", "sep_token", "unk_token")
+        max_len = config.get("model_max_length")
+        # transformers writes a huge sentinel (1e30) when the length is unknown.
+        max_len = int(max_len) if isinstance(max_len, (int, float)) and 0 < max_len < 1e9 else None
 
         return cls(
             backend,
@@ -139,4 +176,10 @@ class Tokenizer:
             eos_token=token("eos_token"),
             pad_token=token("pad_token"),
             chat_template=template,
+            special_tokens={k: v for k in named if (v := token(k)) is not None},
+            model_max_length=max_len,
+            clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+            tokenizer_class=config.get("tokenizer_class")
+            if isinstance(config.get("tokenizer_class"), str)
+            else None,
         )
