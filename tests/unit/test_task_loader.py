@@ -42,3 +42,38 @@ def test_bad_model_type(tmp_path):
         ModelLoadError, match="'wav2vec2' has no native encoder or encoder-decoder implementation"
     ):
         load_task_model(str(tmp_path), "base")
+
+
+def test_untied_t5_head_is_loaded_as_its_own_matrix(tmp_path):
+    """FLAN-T5-style checkpoints carry their own lm_head; transformers 5 still writes
+    tie_word_embeddings=true in their config, so the loader must look at the tensors."""
+    import json
+    import shutil
+
+    import tiny_seq2seq
+    import torch
+    import transformers
+
+    src = tiny_seq2seq.t5_dir("gated-gelu")
+    hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(src, dtype=torch.float32)
+    cfg = hf.config
+    cfg.tie_word_embeddings = False
+    torch.manual_seed(3)
+    untied = transformers.T5ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # as in real FLAN-T5: both stacks read the shared embedding
+        untied.encoder.embed_tokens.weight.copy_(untied.shared.weight)
+        untied.decoder.embed_tokens.weight.copy_(untied.shared.weight)
+    untied.save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{src}/{name}", tmp_path / name)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["tie_word_embeddings"] = True  # what the config may say; the tensors decide
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = load_task_model(str(tmp_path), "seq2seq-lm")
+    assert loaded.config.tie_word_embeddings is False
+    ids = torch.tensor([[5, 6, 7, 1]])
+    start = torch.tensor([[0, 8, 9]])
+    with torch.no_grad():
+        want = untied(input_ids=ids, decoder_input_ids=start).logits
+        got = loaded.model(ids, torch.ones_like(ids), start)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

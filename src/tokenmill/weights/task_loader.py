@@ -241,7 +241,12 @@ def load_task_model(
             f"{source}: tokenmill has no {model_type!r} model with {HEAD_PURPOSE[head]}; "
             f"this family offers: {heads}"
         )
+    names = _checkpoint_names(source)
     cfg = family.config(hf)
+    if model_type == "t5" and head == "seq2seq-lm" and "lm_head.weight" in names:
+        # transformers 5 writes tie_word_embeddings=true for every T5 and unties where the
+        # checkpoint holds its own lm_head (FLAN-T5, T5 v1.1): so must we.
+        cfg.tie_word_embeddings = False
     tokenizer = Tokenizer.from_dir(source)
     gen_path = os.path.join(source, "generation_config.json")
     gen_defaults = _read_json(gen_path) if os.path.isfile(gen_path) else {}
@@ -251,7 +256,6 @@ def load_task_model(
     with _skip_init():
         net = family.model_class(head)(cfg)
     net = net.to(dt)
-    names = _checkpoint_names(source)
     plan = _plan(net, family, names, source, head)
     buffers = dict(net.named_buffers())
 
