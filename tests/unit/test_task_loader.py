@@ -50,9 +50,10 @@ def test_untied_t5_head_is_loaded_as_its_own_matrix(tmp_path):
     import json
     import shutil
 
-    import tiny_seq2seq
     import torch
     import transformers
+
+    import tiny_seq2seq
 
     src = tiny_seq2seq.t5_dir("gated-gelu")
     hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(src, dtype=torch.float32)
