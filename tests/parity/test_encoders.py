@@ -342,7 +342,7 @@ def test_masked_lm_from_a_base_checkpoint_names_the_missing_head(family):
         tl.MissingHeadError, match="has no weights for a masked-language-model head \\(fill-mask\\)"
     ) as e:
         tl.load_task_model(path, "masked-lm")
-    assert path in str(e.value) and "use a checkpoint fine-tuned for this task" in str(e.value)
+    assert path in str(e.value) and "use a checkpoint saved with this head" in str(e.value)
 
 
 @pytest.mark.parametrize("head", ["sequence-classification", "token-classification", "question-answering"])

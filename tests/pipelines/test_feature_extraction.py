@@ -161,3 +161,20 @@ def test_a_gguf_model_is_refused_for_encoder_tasks():
 def test_decoder_checkpoint_is_refused_with_the_families(llama_dir):
     with pytest.raises(ValueError, match="'llama' has no native encoder or encoder-decoder implementation"):
         pipeline("feature-extraction", model=llama_dir)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_sentence_similarity_matches_cosines_of_transformers_mean_pooling(family):
+    d = tiny_encoders.tiny_encoder_dir(family, "base")
+    tok = transformers.AutoTokenizer.from_pretrained(d)
+    model = transformers.AutoModel.from_pretrained(d, dtype=torch.float32).eval()
+    texts = [TEXTS[0], *TEXTS]
+    batch = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = model(**batch).last_hidden_state
+    m = batch["attention_mask"].unsqueeze(-1).float()
+    vecs = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)  # no pooling config: mean
+    want = (vecs[1:] @ vecs[0]).tolist()
+    got = pipeline("sentence-similarity", model=d)({"source_sentence": texts[0], "sentences": texts[1:]})
+    assert got == pytest.approx(want, abs=1e-5)
+    assert got[0] == pytest.approx(1.0, abs=1e-6)  # the source sentence itself

@@ -12,7 +12,7 @@ def test_masked_lm_checkpoint_has_no_classifier():
         load_task_model(tiny_encoder_dir("bert", "masked-lm"), "sequence-classification")
     msg = str(e.value)
     assert "has no weights for a sequence classification head (text-classification" in msg
-    assert "classifier.weight" in msg and "fine-tuned for this task" in msg
+    assert "classifier.weight" in msg and "use a checkpoint saved with this head" in msg
 
 
 def test_minilm_has_no_masked_lm_head():

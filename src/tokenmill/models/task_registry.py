@@ -19,6 +19,8 @@ HEADS = (
     "token-classification",
     "question-answering",
     "seq2seq-lm",
+    "speech-seq2seq",
+    "image-classification",
 )
 
 #: what each head is for, named in errors about a checkpoint without it
@@ -29,6 +31,8 @@ HEAD_PURPOSE = {
     "token-classification": "a token classification head (token-classification / ner)",
     "question-answering": "a span prediction head (question-answering)",
     "seq2seq-lm": "an encoder-decoder language-model head (summarization, translation, text2text-generation)",
+    "speech-seq2seq": "a speech encoder-decoder head (automatic-speech-recognition)",
+    "image-classification": "an image classification head (image-classification)",
 }
 
 
@@ -39,7 +43,7 @@ class TaskFamily:
     classes: dict[str, str]
     #: the attribute that holds the base model inside head classes (HF's base_model_prefix)
     base_model_prefix: str
-    kind: str  # "encoder" or "encoder-decoder"
+    kind: str  # "encoder", "encoder-decoder", "speech" or "vision"
 
     def load_module(self) -> Any:
         return importlib.import_module(self.module)
@@ -97,6 +101,20 @@ TASK_FAMILIES: dict[str, TaskFamily] = {
         base_model_prefix="model",
         kind="encoder-decoder",
     ),
+    "whisper": TaskFamily(
+        module="tokenmill.models.whisper",
+        config_from_hf="whisper_config_from_hf",
+        classes={"speech-seq2seq": "WhisperForConditionalGeneration"},
+        base_model_prefix="model",
+        kind="speech",
+    ),
+    "vit": TaskFamily(
+        module="tokenmill.models.vit",
+        config_from_hf="vit_config_from_hf",
+        classes={"base": "ViTModel", "image-classification": "ViTForImageClassification"},
+        base_model_prefix="vit",
+        kind="vision",
+    ),
     "marian": TaskFamily(
         module="tokenmill.models.marian",
         config_from_hf="marian_config_from_hf",
@@ -111,6 +129,6 @@ def task_family_for(model_type: str, source: str) -> TaskFamily:
     if model_type not in TASK_FAMILIES:
         raise ValueError(
             f"{source}: architecture {model_type!r} has no native encoder or encoder-decoder "
-            f"implementation; tokenmill's pipelines run {', '.join(sorted(TASK_FAMILIES))}"
+            f"implementation; tokenmill's pipelines run {', '.join(sorted(TASK_FAMILIES))} natively"
         )
     return TASK_FAMILIES[model_type]

@@ -63,25 +63,31 @@ class Pipeline:
         self.config = loaded.config
         self.device = loaded.device
         self.batch_size = self._check_batch_size(batch_size)
-        self.max_length = self._max_length()
-        from tokenizers import Tokenizer as Backend
-
-        # Two copies of the tokenizer: one that never cuts, one that cuts at the limit
-        # (only used when the caller passes truncation=True).
-        self._plain = Backend.from_str(loaded.tokenizer.backend.to_str())
-        self._plain.no_truncation()
-        self._plain.no_padding()
-        self._cutting = Backend.from_str(self._plain.to_str())
-        if self.max_length is not None:
-            self._cutting.enable_truncation(self.max_length)
-        pad = self.tokenizer.pad_token_id
-        self.pad_token_id = pad if pad is not None else (getattr(self.config, "pad_token_id", None) or 0)
+        self.pad_token_id = getattr(self.config, "pad_token_id", None) or 0
+        self.max_length: int | None = None
+        if self.tokenizer is not None:  # vision models have none; their pipelines read pixels
+            self._setup_tokenizer()
         # Only BERT-style encoders have a token type (segment) embedding; RoBERTa's one-row
         # table is never indexed past 0, as transformers never sends it segment ids.
         self.uses_token_types = int(loaded.hf_config.get("type_vocab_size") or 0) > 1 and (
             loaded.hf_config.get("model_type") != "distilbert"
         )
         self.defaults = self.sanitize(defaults) if defaults else {}
+
+    def _setup_tokenizer(self) -> None:
+        from tokenizers import Tokenizer as Backend
+
+        self.max_length = self._max_length()
+        # Two copies of the tokenizer: one that never cuts, one that cuts at the limit
+        # (only used when the caller passes truncation=True).
+        self._plain = Backend.from_str(self.tokenizer.backend.to_str())
+        self._plain.no_truncation()
+        self._plain.no_padding()
+        self._cutting = Backend.from_str(self._plain.to_str())
+        if self.max_length is not None:
+            self._cutting.enable_truncation(self.max_length)
+        if self.tokenizer.pad_token_id is not None:
+            self.pad_token_id = self.tokenizer.pad_token_id
 
     # -- options ----------------------------------------------------------------------
     @staticmethod

@@ -13,6 +13,36 @@ from typing import Any
 from tokenmill.utils.errors import ModelLoadError
 
 
+def clean_up_tokenization(text: str) -> str:
+    """transformers' ``clean_up_tokenization``: no space before punctuation and contractions."""
+    for before, after in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
+        text = text.replace(before, after)
+    return text
+
+
+def _wants_clean_up(config: dict[str, Any], backend: Any) -> bool:
+    """Whether transformers' decode cleans up spaces for this tokenizer: tokenizer_config's
+    ``clean_up_tokenization_spaces`` (default False), ignored for BPE models by transformers 5
+    because there it would eat real spaces."""
+    if not config.get("clean_up_tokenization_spaces", False):
+        return False
+    bpe = json.loads(backend.to_str()).get("model", {}).get("type") == "BPE"
+    return not bpe or bool(
+        config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")
+    )
+
+
 class Tokenizer:
     """Encode, decode and chat-format text for one model."""
 
@@ -178,7 +208,7 @@ class Tokenizer:
             chat_template=template,
             special_tokens={k: v for k in named if (v := token(k)) is not None},
             model_max_length=max_len,
-            clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+            clean_up_tokenization_spaces=_wants_clean_up(config, backend),
             tokenizer_class=config.get("tokenizer_class")
             if isinstance(config.get("tokenizer_class"), str)
             else None,

@@ -34,7 +34,7 @@ class MissingHeadError(ModelLoadError):
 @dataclass
 class LoadedTaskModel:
     model: nn.Module
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None for vision models
     config: Any
     hf_config: dict[str, Any]
     generation_defaults: dict[str, Any] = field(default_factory=dict)
@@ -172,7 +172,7 @@ def _plan(model: nn.Module, family: TaskFamily, names: list[str], source: str, h
         if head != "base" and not all(nm.in_base(m) for m in missing):
             raise MissingHeadError(
                 f"{source} has no weights for {HEAD_PURPOSE[head]} (missing: {shown}); "
-                "use a checkpoint fine-tuned for this task"
+                "use a checkpoint saved with this head (a model trained or fine-tuned for the task)"
             )
         raise ModelLoadError(f"{source}: missing tensor(s) for {shown}")
     return plan
@@ -247,7 +247,8 @@ def load_task_model(
         # transformers 5 writes tie_word_embeddings=true for every T5 and unties where the
         # checkpoint holds its own lm_head (FLAN-T5, T5 v1.1): so must we.
         cfg.tie_word_embeddings = False
-    tokenizer = Tokenizer.from_dir(source)
+    # Vision models read pixels, not text: they have no tokenizer.
+    tokenizer = None if family.kind == "vision" else Tokenizer.from_dir(source)
     gen_path = os.path.join(source, "generation_config.json")
     gen_defaults = _read_json(gen_path) if os.path.isfile(gen_path) else {}
 
