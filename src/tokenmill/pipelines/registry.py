@@ -16,6 +16,10 @@ class TaskSpec:
     head: str | None  # None: the task runs on the LLM engine, not a task head
     default_model: str | None = None
     description: str = ""
+    #: served only by the transformers-backed backend (``pip install tokenmill[hf]``)
+    backend: bool = False
+    #: native where the architecture is, otherwise the backend (ConvNeXT image classification)
+    backend_fallback: bool = False
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -90,10 +94,44 @@ TASKS: dict[str, TaskSpec] = {
             None,
             "any text-to-text task of an encoder-decoder model",
         ),
+        TaskSpec(
+            "automatic-speech-recognition",
+            "automatic_speech_recognition",
+            "AutomaticSpeechRecognitionPipeline",
+            "speech-seq2seq",
+            "whisper-tiny.en",
+            "transcribe or translate speech (Whisper)",
+        ),
+        TaskSpec(
+            "image-classification",
+            "image_classification",
+            "ImageClassificationPipeline",
+            "image-classification",
+            None,
+            "labels for images (ViT natively; other architectures through the backend)",
+            backend_fallback=True,
+        ),
+        *(
+            TaskSpec(name, "hf_backend", "HFBackendPipeline", None, None, description, backend=True)
+            for name, description in (
+                ("object-detection", "boxes, labels and scores for objects in an image"),
+                ("image-segmentation", "masks and labels for the regions of an image"),
+                ("depth-estimation", "a depth map for an image"),
+                ("image-to-text", "a caption for an image"),
+                ("image-text-to-text", "text from an image and a prompt"),
+                ("audio-classification", "labels for audio clips"),
+                ("text-to-audio", "speech or sound from text"),
+            )
+        ),
     ]
 }
 
-ALIASES = {"ner": "token-classification", "sentiment-analysis": "text-classification"}
+ALIASES = {
+    "ner": "token-classification",
+    "sentiment-analysis": "text-classification",
+    "asr": "automatic-speech-recognition",
+    "text-to-speech": "text-to-audio",
+}
 
 _TRANSLATION = re.compile(r"^translation_([A-Za-z_\-]+?)_to_([A-Za-z_\-]+)$")
 

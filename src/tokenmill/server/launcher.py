@@ -93,7 +93,9 @@ def _url(sock: socket.socket) -> str:
     return f"http://{shown}:{port}"
 
 
-def _make_server(config: Any, engine: Any, sock: socket.socket, model_name: str) -> Any:
+def _make_server(
+    config: Any, engine: Any, sock: socket.socket, model_name: str, pipelines: Any = None
+) -> Any:
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -115,6 +117,10 @@ def _make_server(config: Any, engine: Any, sock: socket.socket, model_name: str)
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets=sockets)
             if self.should_exit:  # the lifespan failed; uvicorn has said why
+                return
+            if pipelines:
+                logger.info("tokenmill serving pipelines %s at %s", pipelines.describe(), _url(sock))
+            if engine is None:
                 return
             kv = (
                 f"KV cache {engine.num_blocks} blocks of {engine.block_size} tokens, "
@@ -142,11 +148,26 @@ def serve(args: argparse.Namespace) -> int:
     level = getattr(args, "log_level", "info")
     logging.getLogger("tokenmill").setLevel(level.upper())
     api_key = args.api_key or os.environ.get("TOKENMILL_API_KEY") or None
-    engine = AsyncEngine.from_config(engine_config(args))
-    model_name = args.served_model_name or engine.model_name
+    tasks = getattr(args, "task", None) or []
+    # With --task and no --model the server runs only those pipelines, no LLM.
+    with_engine = args.model is not None or not tasks
+    if not with_engine and args.served_model_name:
+        raise ValueError("--served-model-name names the --model's model; give --model too")
+    pipelines = None
+    if tasks:
+        from tokenmill.server.pipelines import load_pipelines
+
+        dtype = None if args.dtype == "auto" else args.dtype
+        pipelines = load_pipelines(tasks, device=args.device, dtype=dtype)
+    engine = AsyncEngine.from_config(engine_config(args)) if with_engine else None
+    model_name = args.served_model_name or (engine.model_name if engine else "")
     sock = _bind(args.host, args.port)
     app = create_app(
-        engine, served_model_name=model_name, api_key=api_key, request_timeout=args.request_timeout
+        engine,
+        pipelines=pipelines,
+        served_model_name=model_name,
+        api_key=api_key,
+        request_timeout=args.request_timeout,
     )
     config = uvicorn.Config(
         app,
@@ -155,7 +176,7 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=DRAIN_TIMEOUT,
         lifespan="on",
     )
-    server = _make_server(config, engine, sock, model_name)
+    server = _make_server(config, engine, sock, model_name, pipelines)
     try:
         server.run(sockets=[sock])
     finally:

