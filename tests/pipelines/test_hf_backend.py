@@ -531,7 +531,10 @@ def test_text_to_audio(vits_dir, root):
     wav = to_wav(got)
     with wave.open(io.BytesIO(wav)) as w:
         assert w.getframerate() == 16000 and w.getnframes() == got["audio"].shape[-1]
-    assert len(to_json(got)["audio"]) == got["audio"].shape[-1]
+    # JSON carries the speech as the same WAV file, base64-encoded
+    as_json = to_json(got)
+    assert as_json["format"] == "wav" and as_json["sampling_rate"] == 16000
+    assert base64.b64decode(as_json["audio"]) == wav
 
 
 def test_convnext_image_classification(convnext_dir, images):

@@ -144,7 +144,9 @@ def run(args: argparse.Namespace) -> int:
         raise PipelineInputError(str(e).replace("pass truncation=True", "pass --truncation")) from None
     if args.json:
         compact = spec.name == "feature-extraction"  # vectors: one line, not one number per line
-        print(json.dumps(result, ensure_ascii=False, indent=None if compact else 2))
+        from tokenmill.pipelines.hf_backend import to_json
+
+        print(json.dumps(to_json(result), ensure_ascii=False, indent=None if compact else 2))
         return 0
     print(format_results(spec.name, inputs, per_input))
     return 0

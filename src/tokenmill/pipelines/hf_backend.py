@@ -324,8 +324,12 @@ def _plain(value: Any) -> Any:
 
 
 def to_json(result: Any) -> Any:
-    """``result`` as JSON can hold it: PIL images as base64 PNG strings, arrays as lists."""
+    """``result`` as JSON can hold it: PIL images as base64 PNG strings, speech
+    ({"audio", "sampling_rate"}) as a base64 WAV file, arrays as lists."""
     if isinstance(result, dict):
+        if "audio" in result and "sampling_rate" in result and hasattr(result["audio"], "shape"):
+            wav = base64.b64encode(to_wav(result)).decode("ascii")
+            return {"audio": wav, "format": "wav", "sampling_rate": int(result["sampling_rate"])}
         return {str(k): to_json(v) for k, v in result.items()}
     if isinstance(result, (list, tuple)):
         return [to_json(v) for v in result]

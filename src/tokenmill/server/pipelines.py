@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.requests import Request
 from starlette.responses import Response
 
+from tokenmill.pipelines.hf_backend import to_json
 from tokenmill.server.batching import Batcher, Job, Worker
 from tokenmill.server.errors import APIError, clip, invalid_param
 from tokenmill.server.protocol import parse_body
@@ -302,15 +303,8 @@ async def pipeline_route(pipelines: PipelineSet, task: str, request: Request) ->
         result = await sp.batcher.submit(_capture_job(sp, req.inputs, params))
     except ValueError as e:
         raise user_error(e, "inputs", "parameters") from None
-    body = json.dumps(result, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_plain)
+    body = json.dumps(to_json(result), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     return Response(body, media_type="application/json")
-
-
-def _plain(value: Any) -> Any:
-    """numpy and torch values in a pipeline's output, as JSON can hold them."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"a {type(value).__name__} in the output cannot be sent as JSON")
 
 
 def model_cards(pipelines: PipelineSet, created: int) -> list[dict[str, Any]]:
