@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from tokenmill.pipelines.base import Feature, Pipeline, PipelineInputError, check_top_k
-from tokenmill.pipelines.text_classification import FUNCTIONS, apply_function
+from tokenmill.pipelines.text_classification import apply_function, check_function_option, default_function
 from tokenmill.vision.image_processor import CONFIG_NAME, ImageProcessor
 from tokenmill.vision.io import ImageInputError, check_image_input, load_image, pil
 from tokenmill.weights.task_loader import LoadedTaskModel, NotNativeError
@@ -99,18 +99,7 @@ class ImageClassificationPipeline(Pipeline):
             check_top_k(options["top_k"])
             if options["top_k"] is None:  # transformers: None means "not given"
                 del options["top_k"]
-        if "function_to_apply" in options:
-            fn = options["function_to_apply"]
-            name = fn.lower() if isinstance(fn, str) else None
-            if name not in (*FUNCTIONS, "default"):
-                raise ValueError(
-                    f"function_to_apply must be one of {', '.join(map(repr, FUNCTIONS))} or 'default', "
-                    f"got {fn!r}"
-                )
-            if name == "default":
-                del options["function_to_apply"]
-            else:
-                options["function_to_apply"] = name
+        check_function_option(options)
         if "timeout" in options:
             t = options.pop("timeout")
             if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0):
@@ -118,13 +107,7 @@ class ImageClassificationPipeline(Pipeline):
         return options
 
     def default_function(self) -> str:
-        """What transformers applies when the caller does not say."""
-        problem = self.config.problem_type
-        if problem == "regression":
-            return "none"
-        if problem == "multi_label_classification" or self.config.num_labels == 1:
-            return "sigmoid"
-        return "softmax"
+        return default_function(self.config)
 
     # -- inputs -----------------------------------------------------------------------
     def check_input(self, item: Any, i: int) -> Any:

@@ -28,6 +28,31 @@ def apply_function(logits: torch.Tensor, function: str) -> torch.Tensor:
     return logits
 
 
+def check_function_option(options: dict[str, Any]) -> None:
+    """Validates ``function_to_apply`` in place: lower-cased, and "default" removed."""
+    if "function_to_apply" not in options:
+        return
+    fn = options["function_to_apply"]
+    name = fn.lower() if isinstance(fn, str) else None
+    if name not in (*FUNCTIONS, "default"):
+        raise ValueError(
+            f"function_to_apply must be one of {', '.join(map(repr, FUNCTIONS))} or 'default', got {fn!r}"
+        )
+    if name == "default":
+        del options["function_to_apply"]
+    else:
+        options["function_to_apply"] = name
+
+
+def default_function(config: Any) -> str:
+    """What transformers applies to a classifier's logits when the caller does not say."""
+    if config.problem_type == "regression":
+        return "none"
+    if config.problem_type == "multi_label_classification" or config.num_labels == 1:
+        return "sigmoid"
+    return "softmax"
+
+
 class TextClassificationPipeline(Pipeline):
     """``pipe(text | {"text": t, "text_pair": p} | a list of them, top_k=, function_to_apply=)``.
 
@@ -44,28 +69,11 @@ class TextClassificationPipeline(Pipeline):
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         if "top_k" in options:
             check_top_k(options["top_k"])
-        if "function_to_apply" in options:
-            fn = options["function_to_apply"]
-            name = fn.lower() if isinstance(fn, str) else None
-            if name not in (*FUNCTIONS, "default"):
-                raise ValueError(
-                    f"function_to_apply must be one of {', '.join(map(repr, FUNCTIONS))} or 'default', "
-                    f"got {fn!r}"
-                )
-            if name == "default":
-                del options["function_to_apply"]
-            else:
-                options["function_to_apply"] = name
+        check_function_option(options)
         return options
 
     def default_function(self) -> str:
-        """What transformers applies when the caller does not say."""
-        problem = self.config.problem_type
-        if problem == "regression":
-            return "none"
-        if problem == "multi_label_classification" or self.config.num_labels == 1:
-            return "sigmoid"
-        return "softmax"
+        return default_function(self.config)
 
     def check_input(self, item: Any, i: int) -> Any:
         if isinstance(item, str):
