@@ -3,7 +3,8 @@ CTranslate2 model.bin files written here from the same weights.
 
 Tiny random checkpoints from tests/tiny_whisper.py, fp32 on CPU: features within 1e-4 of
 ``WhisperFeatureExtractor``, encoder states and decoder logits within 1e-4, cached and
-uncached decoding equal, 20 greedy tokens identical to ``generate()``.
+uncached decoding equal, 20 greedy tokens identical to ``generate()``; the decode step on
+float16 weight copies (float16 checkpoints) against the same and against the float32 path.
 """
 
 from __future__ import annotations
@@ -408,3 +409,80 @@ def test_ct2_errors_name_the_problem(multi, tmp_path):
         load_task_model(missing, "speech-seq2seq")
 
     assert open_ct2_dir(d).hf_config["model_type"] == "whisper"
+
+
+# --------------------------------------------------------------------------- float16 weights
+
+
+def test_float16_weights_decode_on_half_copies(multi, tmp_path, monkeypatch):
+    """A float16 checkpoint decodes on float16 weight copies with float32 arithmetic: the
+    logits of transformers' float32 model on the same values within 1e-4, the same greedy
+    tokens, and the float32 path's logits when the copies are turned off."""
+    from tokenmill.layers.half_linear import half_linear_available
+    from tokenmill.models import whisper as whisper_module
+
+    if not half_linear_available():
+        pytest.skip("no float16-weight kernel on this machine (needs a C compiler and AVX-512)")
+    model = load_task_model(_ct2_dir(multi, tmp_path, torch.float16), "speech-seq2seq").model
+    hf = transformers.WhisperForConditionalGeneration(multi.hf.config).eval()
+    hf.load_state_dict({k: v.half().float() for k, v in multi.hf.state_dict().items()})
+    hf.generation_config = multi.hf.generation_config
+    calls = []
+    real_step = whisper_module.decode_step
+    monkeypatch.setattr(whisper_module, "decode_step", lambda *a: calls.append(a[2].shape) or real_step(*a))
+
+    prompt = _prompt(multi) + [300, 301, 7]  # 7 tokens x 3 rows: over MAX_ROWS, the float32 path
+    ids = torch.tensor([prompt + [8, 9, 10]] * 3)
+    with torch.no_grad():
+        want = hf(input_features=multi.features, decoder_input_ids=ids).logits
+
+        def cached(rows: torch.Tensor | None = None) -> torch.Tensor:
+            cache = model.start_decoding(model.encode(multi.features))
+            out = [model.decode(ids[:, :7], cache)]
+            out += [model.decode(ids[:, t : t + 1], cache) for t in range(7, ids.shape[1])]
+            return torch.cat(out, dim=1)
+
+        got = cached()
+        assert model.half_decoder() is not None
+        assert calls == [(3, 1)] * 3  # the single-token steps ran on the copies
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+        model.use_half_weights = False
+        torch.testing.assert_close(cached(), got, atol=ATOL, rtol=0)
+        assert len(calls) == 3
+        model.use_half_weights = True
+
+    greedy = greedy_decode(
+        model,
+        multi.features,
+        _prompt(multi),
+        max_new_tokens=20,
+        suppress_tokens=multi.gen["suppress_tokens"],
+        begin_suppress_tokens=multi.gen["begin_suppress_tokens"],
+    )
+    assert len(calls) > 3
+    assert greedy == _hf_greedy(_with(multi, hf), 20, language="en", task="transcribe")
+
+
+def _with(pair: Pair, hf) -> Pair:
+    """``pair`` with another transformers model (same features and generation defaults)."""
+    other = Pair.__new__(Pair)
+    other.__dict__.update(pair.__dict__, hf=hf)
+    return other
+
+
+def test_half_copies_only_for_exact_float16_weights(multi, tmp_path):
+    from tokenmill.layers.half_linear import half_linear_available
+
+    if not half_linear_available():
+        pytest.skip("no float16-weight kernel on this machine (needs a C compiler and AVX-512)")
+    with torch.no_grad():
+        assert multi.ours.half_decoder() is None  # random float32 weights: the copies would round them
+        model = load_task_model(_ct2_dir(multi, tmp_path, torch.float16), "speech-seq2seq").model
+        assert model.half_decoder() is not None
+        # a weight written in place afterwards is seen at the next start_decoding
+        fc2 = model.model.decoder.layers[0].fc2.weight
+        fc2[0, 0] += 1e-4
+        model.start_decoding(model.encode(multi.features[:1]))
+        assert model.half_decoder() is None
+        fc2[0, 0] = fc2[0, 0].half().float()
+        assert model.half_decoder() is not None

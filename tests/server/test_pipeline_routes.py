@@ -253,6 +253,12 @@ def test_pipeline_route_errors(client):
             "cannot be sent as JSON",
         ),
         (
+            {"inputs": "x", "parameters": {"filters": "none"}},
+            400,
+            "parameters.filters",
+            "set by the server operator (tokenmill serve --filters FILE)",
+        ),
+        (
             {"inputs": "x", "parameters": {"inputs": "y"}},
             400,
             "parameters",

@@ -20,6 +20,11 @@ SUBCOMMANDS = {
         "tokenmill.cli.perplexity",
         "Measure a model's perplexity on a text (default: the shipped essay).",
     ),
+    "feedback": ("tokenmill.cli.feedback", "Export the stored user feedback and request log, or count it."),
+    "audit": (
+        "tokenmill.cli.audit",
+        "Audit models for bias with probe suites; writes a JSON + Markdown report.",
+    ),
 }
 
 
@@ -117,6 +122,24 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--source", default=None, help="sentence-similarity: the sentence inputs are compared to")
     p.add_argument("--json-input", action="store_true", help="read each input as JSON (e.g. text pairs)")
+    p.add_argument(
+        "--return-timestamps",
+        action="store_true",
+        default=None,
+        help="automatic-speech-recognition: segments with their start and end times",
+    )
+    p.add_argument(
+        "--language",
+        default=None,
+        help="automatic-speech-recognition: the spoken language (default: detected)",
+    )
+    p.add_argument(
+        "--task",
+        dest="speech_task",
+        default=None,
+        choices=["transcribe", "translate"],
+        help="automatic-speech-recognition: transcribe (default) or translate into English",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
@@ -163,6 +186,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "--request-timeout", type=float, default=None, help="seconds after which a request is ended"
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    from tokenmill.cli.serve import add_filter_args, add_store_args  # argparse only
+
+    add_store_args(p)
+    add_filter_args(p)
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
@@ -208,6 +235,8 @@ _ADDERS = {
     "serve": _serve_args,
     "bench": _bench_args,
     "perplexity": _perplexity_args,
+    "feedback": lambda p: importlib.import_module("tokenmill.cli.feedback").add_args(p),
+    "audit": lambda p: importlib.import_module("tokenmill.cli.audit").add_args(p),
 }
 
 

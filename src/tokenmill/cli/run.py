@@ -22,6 +22,9 @@ _TASK_FLAGS = {
     "--question": ("question", "question-answering"),
     "--candidate-labels": ("candidate_labels", "zero-shot-classification"),
     "--source": ("source", "sentence-similarity"),
+    "--return-timestamps": ("return_timestamps", "automatic-speech-recognition"),
+    "--language": ("language", "automatic-speech-recognition"),
+    "--task": ("speech_task", "automatic-speech-recognition"),
 }
 _CLIP = 60
 
@@ -100,6 +103,15 @@ def build_call(args: argparse.Namespace, task: str, raw: list[str]) -> tuple[Any
                 'or --json-input lines {"source_sentence": ..., "sentences": [...]}'
             )
         return {"source_sentence": args.source, "sentences": items}, options
+    if task == "automatic-speech-recognition":
+        # inputs are audio files; the flags are the pipeline's options
+        for dest, option in (
+            ("return_timestamps", "return_timestamps"),
+            ("language", "language"),
+            ("speech_task", "task"),
+        ):
+            if getattr(args, dest) is not None:
+                options[option] = getattr(args, dest)
     if task == "zero-shot-classification":
         if args.candidate_labels is not None:
             labels = [s.strip() for s in args.candidate_labels.split(",") if s.strip()]
@@ -255,6 +267,10 @@ def format_results(task: str, inputs: Any, results: list[Any]) -> str:
         return "\n".join([f"source: {inputs['source_sentence']}", *_table(rows, "")])
     items = inputs if isinstance(inputs, list) else [inputs]
     lines: list[str] = []
+    if task == "automatic-speech-recognition":
+        for k, (item, res) in enumerate(zip(items, results)):
+            lines += [f"[{k + 1}] {_clip(item)}", *_speech_lines(res)]
+        return "\n".join(lines)
     for k, (item, res) in enumerate(zip(items, results)):
         if isinstance(item, dict) and set(item) == {"question", "context"}:
             shown = f"{_clip(item['question'], 40)} | {_clip(item['context'])}"
@@ -263,3 +279,16 @@ def format_results(task: str, inputs: Any, results: list[Any]) -> str:
         lines.append(f"[{k + 1}] {shown}")
         lines += _result_lines(res)
     return "\n".join(lines)
+
+
+def _speech_lines(result: dict[str, Any], indent: str = "    ") -> list[str]:
+    """A transcript whole, then its segments one per line with their times."""
+    lines = [indent + result["text"].strip()]
+    chunks = result.get("chunks")
+    if chunks and "timestamp" in chunks[0]:
+        lines.append("")
+        for c in chunks:
+            start, end = c["timestamp"]
+            stop = "?" if end is None else f"{end:7.2f}"
+            lines.append(f"{indent}{start:7.2f} -> {stop}  {c['text'].strip()}")
+    return lines

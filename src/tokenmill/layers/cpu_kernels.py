@@ -23,7 +23,9 @@ import torch
 
 log = logging.getLogger("tokenmill.kernels")
 
-_SOURCES = [Path(__file__).parent / "kernels" / name for name in ("paged_decode.c", "fused_ops.c")]
+_SOURCES = [
+    Path(__file__).parent / "kernels" / name for name in ("paged_decode.c", "fused_ops.c", "half_linear.c")
+]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 

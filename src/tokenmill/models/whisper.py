@@ -22,8 +22,10 @@ from torch import nn
 
 from tokenmill.layers.activations import get_activation
 from tokenmill.layers.encoder_decoder import EncoderDecoderCache, causal_mask
+from tokenmill.layers.half_linear import MAX_ROWS
 from tokenmill.models.bart import BartAttention, BartDecoderLayer, BartEncoderLayer, BartSeq2Seq
 from tokenmill.models.encoder_config import hf_labels
+from tokenmill.models.whisper_half import HalfDecoder, decode_step, weights_key
 
 
 @dataclass
@@ -224,14 +226,17 @@ class WhisperDecoder(nn.Module):
         self.layers = nn.ModuleList(WhisperDecoderLayer(cfg) for _ in range(cfg.decoder_layers))
         self.layer_norm = nn.LayerNorm(C, eps=cfg.layer_norm_eps)
 
+    def check_length(self, length: int) -> None:
+        if length > self.max_positions:
+            raise ValueError(
+                f"decoder sequence of {length} tokens is longer than Whisper's "
+                f"max_target_positions ({self.max_positions})"
+            )
+
     def forward(self, input_ids: torch.Tensor, cache: EncoderDecoderCache) -> torch.Tensor:
         """Run T new decoder tokens after the ``cache.length`` cached ones; returns (B, T, C)."""
         T, past = input_ids.shape[1], cache.length
-        if past + T > self.max_positions:
-            raise ValueError(
-                f"decoder sequence of {past + T} tokens is longer than Whisper's "
-                f"max_target_positions ({self.max_positions})"
-            )
+        self.check_length(past + T)
         # diff vs BART: no embedding scale and no embedding LayerNorm
         x = self.embed_tokens(input_ids) + self.embed_positions.weight[past : past + T]  # (B, T, C)
         self_mask = causal_mask(T, past, x.device)
@@ -257,6 +262,11 @@ class WhisperForConditionalGeneration(BartSeq2Seq):
     ``encode(features)`` -> (B, 1500, C); ``start_decoding(hidden, capacity=N)`` projects
     the cross-attention K/V once; ``decode(tokens, cache)`` -> logits (B, T, V) and grows
     the cache; ``cache.select_rows(rows)`` drops finished rows or follows beams.
+
+    On CPU, when every decoder weight is an exact float16 value (the released checkpoints
+    are float16), decode steps of up to ``MAX_ROWS`` rows read float16 copies of the
+    weights and compute in float32 (models/whisper_half.py): the same logits up to
+    summation order, about twice as fast. ``use_half_weights = False`` turns that off.
     """
 
     def __init__(self, config: WhisperConfig) -> None:
@@ -266,6 +276,9 @@ class WhisperForConditionalGeneration(BartSeq2Seq):
         self.proj_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.proj_out.weight = self.model.decoder.embed_tokens.weight
+        self.use_half_weights = True
+        # (weights_key, HalfDecoder or None): rebuilt when a decoder weight changes
+        self._half: tuple[tuple, HalfDecoder | None] | None = None
 
     @property
     def lm_head(self) -> nn.Linear:
@@ -282,8 +295,50 @@ class WhisperForConditionalGeneration(BartSeq2Seq):
         """
         return self.model.encoder(input_features)
 
+    def start_decoding(
+        self, encoder_hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, capacity: int = 0
+    ) -> EncoderDecoderCache:
+        """Project the encoder output to every layer's cross-attention K/V, once per window.
+
+        The K/V are stored contiguous (B, H, 1500, D): each decode step reads all of them,
+        and attention over a strided copy runs at half the speed.
+        """
+        ks, vs = [], []
+        for layer in self.model.decoder.layers:
+            k, v = layer.encoder_attn.project_kv(encoder_hidden)
+            ks.append(k.contiguous())
+            vs.append(v.contiguous())
+        B, S = encoder_hidden.shape[:2]
+        if attention_mask is None:
+            mask = torch.ones(B, S, dtype=torch.bool, device=encoder_hidden.device)
+        else:
+            mask = attention_mask.bool()
+        if not torch.is_grad_enabled():
+            self.half_decoder()  # (re)builds the float16 copies when the weights changed
+        return EncoderDecoderCache(ks, vs, mask, capacity)
+
+    def half_decoder(self) -> HalfDecoder | None:
+        """The float16 weight copies the fast decode step reads, or None where it cannot
+        run (weights not exact float16 values, no kernel on this CPU, not on CPU)."""
+        if not self.use_half_weights:
+            return None
+        key = weights_key(self)
+        if self._half is None or self._half[0] != key:
+            self._half = (key, HalfDecoder.build(self))
+        return self._half[1]
+
     def decode(self, decoder_input_ids: torch.Tensor, cache: EncoderDecoderCache) -> torch.Tensor:
         """Append (B, T) decoder tokens to ``cache``; returns their logits (B, T, V)."""
+        if (
+            decoder_input_ids.numel() <= MAX_ROWS
+            and decoder_input_ids.device.type == "cpu"
+            and not torch.is_grad_enabled()
+            and cache.cross_k[0].dtype == torch.float32
+        ):
+            # checked against the weights by start_decoding, once per window rather than per step
+            half = self._half[1] if self._half is not None and self.use_half_weights else None
+            if half is not None:
+                return decode_step(self, half, decoder_input_ids, cache)
         return self.proj_out(self.decode_hidden(decoder_input_ids, cache))
 
     def forward(self, input_features: torch.Tensor, decoder_input_ids: torch.Tensor) -> torch.Tensor:

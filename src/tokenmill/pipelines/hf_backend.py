@@ -26,7 +26,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
-import math
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -213,72 +212,18 @@ def load_image(item: Any, i: int, task: str = "image") -> Any:
     return image
 
 
-def _resample(x: Any, rate: int, target: int) -> Any:
-    from scipy.signal import resample_poly
-
-    g = math.gcd(rate, target)
-    return resample_poly(x, target // g, rate // g).astype("float32")
-
-
 def load_audio(item: Any, i: int, sampling_rate: int, task: str = "audio") -> Any:
     """Mono float32 samples at ``sampling_rate`` from a path, bytes, an array or {"array", "sampling_rate"}."""
-    import numpy as np
+    from tokenmill.audio.io import AudioDecoderError, AudioInputError
+    from tokenmill.audio.io import load_audio as read
 
-    item = _path(item)
-    rate = sampling_rate
-    if isinstance(item, str) or isinstance(item, (bytes, bytearray, memoryview)):
-        if isinstance(item, str):
-            if _is_url(item):
-                raise PipelineInputError(
-                    f"input {i} is a URL; tokenmill does not fetch URLs: download the audio and pass its path or bytes"
-                )
-            if not os.path.isfile(item):
-                raise PipelineInputError(f"input {i}: no audio file {item!r}")
-            source, what = item, f"file {item!r} is"
-        else:
-            if len(item) == 0:
-                raise PipelineInputError(f"input {i} is empty bytes; give an audio file's contents")
-            source, what = io.BytesIO(bytes(item)), "the bytes are"
-        sf = _require("soundfile", task)
-        try:
-            samples, rate = sf.read(source, dtype="float32", always_2d=True)
-        except Exception as e:  # libsndfile errors, or a format it does not know
-            reason = getattr(e, "error_string", None) or str(e)
-            raise PipelineInputError(
-                f"input {i}: {what} not audio soundfile can read (WAV, FLAC, OGG, MP3): {reason}"
-            ) from None
-        samples = samples.mean(axis=1)  # (frames, channels) -> mono
-    else:
-        if isinstance(item, dict):
-            array = item.get("array", item.get("raw"))
-            rate = item.get("sampling_rate")
-            if array is None or rate is None:
-                raise PipelineInputError(
-                    f"input {i}: an audio dict needs 'array' (or 'raw') and 'sampling_rate', "
-                    f"got keys {sorted(item)}"
-                )
-            if isinstance(rate, bool) or not isinstance(rate, int) or rate < 1:
-                raise PipelineInputError(f"input {i}: sampling_rate must be a positive integer, got {rate!r}")
-            item = array
-        if isinstance(item, torch.Tensor):
-            item = item.detach().cpu().numpy()
-        if not isinstance(item, np.ndarray):
-            raise PipelineInputError(
-                f"input {i} must be audio: a file path, the file's bytes, a 1-D float array or "
-                f"{{'array': ..., 'sampling_rate': ...}}, got {type(item).__name__}"
-            )
-        if item.ndim != 1:
-            raise PipelineInputError(
-                f"input {i}: audio arrays must be 1-D (mono), got shape {tuple(item.shape)}; average the channels"
-            )
-        if not np.issubdtype(item.dtype, np.floating):
-            raise PipelineInputError(
-                f"input {i}: audio samples must be floats in [-1, 1], got dtype {item.dtype}"
-            )
-        samples = item.astype(np.float32)
-    if samples.size == 0:
-        raise PipelineInputError(f"input {i} holds no audio samples")
-    return samples if rate == sampling_rate else _resample(samples, rate, sampling_rate)
+    try:
+        return read(_path(item), sampling_rate, name=f"input {i}")
+    except AudioInputError as e:
+        raise PipelineInputError(str(e)) from None
+    except AudioDecoderError as e:
+        _require("soundfile", task)  # soundfile itself missing: say it in the backend's words
+        raise BackendNotInstalledError(f"{task}: {e}") from None
 
 
 def _is_chat(x: Any) -> bool:

@@ -32,6 +32,7 @@ _OPTIONS = frozenset(
         "add_special_tokens",
         "skip_special_tokens",
         "batch_size",
+        "filters",
     }
 )
 
@@ -60,6 +61,8 @@ class TextGenerationPipeline:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.defaults = self._check(defaults)
+        if "filters" in self.defaults:  # a file is read (and its classifiers loaded) once, here
+            self.defaults["filters"] = _filters(self.defaults["filters"], allow_path=True)
         self.llm = LLM(
             model, dtype=dtype, device=device, revision=revision, max_batch_size=max(batch_size, 8)
         )
@@ -127,7 +130,10 @@ class TextGenerationPipeline:
         return self.tokenizer.encode(item, add_special_tokens=o.get("add_special_tokens", True))
 
     def __call__(self, inputs: Any, **options: Any) -> Any:
-        o = {**self.defaults, **self._check(options)}
+        options = self._check(options)
+        if "filters" in options:
+            options["filters"] = _filters(options["filters"], allow_path=False)
+        o = {**self.defaults, **options}
         single = isinstance(inputs, str) or _is_chat(inputs)
         items = [inputs] if single else inputs
         if not isinstance(items, list) or not items:
@@ -140,14 +146,45 @@ class TextGenerationPipeline:
         else:
             texts = [[c.text for c in out.outputs] for out in self.llm.generate(prompts, params)]
         full = o.get("return_full_text", True)
+        filters = o.get("filters")
         results = []
         for item, outs in zip(items, texts):
-            if _is_chat(item):
-                rows = [
-                    {"generated_text": [*item, {"role": "assistant", "content": t}] if full else t}
-                    for t in outs
-                ]
-            else:
-                rows = [{"generated_text": item + t if full else t} for t in outs]
+            rows = []
+            for t in outs:
+                verdict = filters.apply(t) if filters is not None else None
+                if verdict is not None:
+                    t = verdict.text
+                if _is_chat(item):
+                    row: dict[str, Any] = {
+                        "generated_text": [*item, {"role": "assistant", "content": t}] if full else t
+                    }
+                else:
+                    row = {"generated_text": item + t if full else t}
+                if verdict is not None:
+                    row["filters"] = {"finish_reason": verdict.finish_reason, "decisions": verdict.decisions}
+                rows.append(row)
             results.append(rows)
         return results[0] if single else results
+
+
+def _filters(value: Any, allow_path: bool) -> Any:
+    """A FilterSet from the ``filters`` option: a FilterSet or, when the pipeline is made, the
+    path of a filter file. A call cannot name a file: a call's options may come from a
+    client (the server's pipeline route), which must not make the server read files."""
+    import os
+
+    from tokenmill.filters import FilterSet, load_filters
+
+    if isinstance(value, FilterSet):
+        return value
+    if allow_path and isinstance(value, (str, os.PathLike)):
+        return load_filters(value)
+    accepted = (
+        "a tokenmill.filters.FilterSet or the path of a filter file"
+        if allow_path
+        else (
+            "a tokenmill.filters.FilterSet (load a file with tokenmill.filters.load_filters, or pass "
+            "its path when making the pipeline)"
+        )
+    )
+    raise ValueError(f"filters must be {accepted}; got {type(value).__name__}")

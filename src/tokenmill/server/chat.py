@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,13 +18,15 @@ from tokenmill.server.errors import clip, invalid_param
 from tokenmill.server.serving import (
     DeltaTracker,
     Generation,
+    RequestRecord,
     ServerState,
     SSEResponse,
     TokenStrings,
     check_model,
-    collect,
+    collect_choices,
     finite,
     guarded_stream,
+    new_tracker,
     resolve,
     run_blocking,
     sse,
@@ -37,7 +40,7 @@ _NAMES = {"logprobs": "top_logprobs", "prompt": "messages"}
 
 def _entry(tokens: TokenStrings, token_id: int, logprob: float) -> dict[str, Any]:
     s = tokens(token_id)
-    return {"token": s, "logprob": finite(logprob), "bytes": list(s.encode("utf-8"))}
+    return {"token": tokens.label(token_id), "logprob": finite(logprob), "bytes": list(s.encode("utf-8"))}
 
 
 def _logprobs(tokens: TokenStrings, token_ids: list[int], lps: list[Logprob], k: int) -> dict[str, Any]:
@@ -101,20 +104,40 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
         raise invalid_param("the chat template produced an empty prompt", "messages")
     params = resolve(state, params, len(prompt_ids), names)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    record = RequestRecord(
+        state,
+        request_id,
+        "chat.completions",
+        json.dumps(messages, ensure_ascii=False),
+        req.model_dump(exclude_unset=True, exclude={"messages", "model"}),
+        params.n,
+    )
     gen = await start_generation(state, request, prompt_ids, params, request_id)
+    record.prompt_tokens = len(prompt_ids)
     meta = {"id": request_id, "created": int(time.time()), "model": state.model_name}
     headers = {"X-Request-Id": request_id}
-    tokens = TokenStrings(tokenizer)
+    tokens = TokenStrings(tokenizer, bool(req.return_tokens_as_token_ids))
     k = req.top_logprobs or 0
+    tracker = new_tracker(state, params.n)
     if req.stream:
-        chunks = _stream(gen, meta, tokens, k, req.include_usage)
-        return SSEResponse(guarded_stream(gen, chunks), gen.close, headers)
-    final = await collect(gen)
-    return JSONResponse(_response(gen, final, meta, tokens, k), headers=headers)
+        chunks = _stream(gen, meta, tokens, k, req.include_usage, tracker, record)
+
+        async def cleanup() -> None:
+            await gen.close()
+            record.close(tracker)
+
+        return SSEResponse(guarded_stream(gen, chunks), cleanup, headers)
+    try:
+        outputs, record.last = await collect_choices(gen, tracker)
+        record.sent_all(outputs)
+    finally:
+        record.close(tracker)
+    return JSONResponse(_response(gen, outputs, record.last, meta, tokens, k), headers=headers)
 
 
-def _response(gen: Generation, final: Any, meta: dict, tokens: TokenStrings, k: int) -> dict[str, Any]:
-    outputs = final.outputs if final is not None else []
+def _response(
+    gen: Generation, outputs: list[Any], final: Any, meta: dict, tokens: TokenStrings, k: int
+) -> dict[str, Any]:
     choices = []
     for o in outputs:
         lp = None
@@ -129,16 +152,24 @@ def _response(gen: Generation, final: Any, meta: dict, tokens: TokenStrings, k: 
                 "stop_reason": o.stop_reason,
             }
         )
+    # usage counts every generated token, those of filtered text included
+    generated = final.outputs if final is not None else []
     return {
         **meta,
         "object": "chat.completion",
         "choices": choices,
-        "usage": usage(len(gen.prompt_ids), outputs),
+        "usage": usage(len(gen.prompt_ids), generated),
     }
 
 
 async def _stream(
-    gen: Generation, meta: dict, tokens: TokenStrings, k: int, include_usage: bool
+    gen: Generation,
+    meta: dict,
+    tokens: TokenStrings,
+    k: int,
+    include_usage: bool,
+    tracker: DeltaTracker,
+    record: RequestRecord,
 ) -> AsyncIterator[str]:
     want_logprobs = gen.params.logprobs is not None
     meta = {**meta, "object": "chat.completion.chunk"}
@@ -152,11 +183,10 @@ async def _stream(
             "finish_reason": None,
         }
         yield sse({**meta, "choices": [choice], **extra})
-    tracker = DeltaTracker(gen.params.n)
-    last = None
     async for out in gen.outputs():
-        last = out
-        for d in tracker.deltas(out, with_tokens=want_logprobs):
+        record.last = out
+        deltas = await tracker.step(out, with_tokens=want_logprobs)
+        for d in deltas:
             lp = None
             if want_logprobs and d.logprobs is not None:
                 lp = _logprobs(tokens, d.token_ids, d.logprobs, k)
@@ -168,5 +198,9 @@ async def _stream(
                 "stop_reason": d.stop_reason,
             }
             yield sse({**meta, "choices": [choice], **extra})
+        record.sent(deltas)
+        if tracker.all_done:
+            break  # every choice ended (some refused by a filter): the engine need not go on
     if include_usage:
+        last = record.last
         yield sse({**meta, "choices": [], "usage": usage(len(gen.prompt_ids), last.outputs if last else [])})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,13 +18,15 @@ from tokenmill.server.errors import invalid_param
 from tokenmill.server.serving import (
     DeltaTracker,
     Generation,
+    RequestRecord,
     ServerState,
     SSEResponse,
     TokenStrings,
     check_model,
-    collect,
+    collect_choices,
     finite,
     guarded_stream,
+    new_tracker,
     resolve,
     run_blocking,
     sse,
@@ -43,10 +46,10 @@ def _logprobs(
     out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for tid, lp in zip(token_ids, lps):
         s = tokens(tid)
-        out["tokens"].append(s)
+        out["tokens"].append(tokens.label(tid))
         out["token_logprobs"].append(finite(lp.logprob))
-        top = {tokens(t): finite(v) for t, v in lp.top_logprobs.items()}
-        top.setdefault(s, finite(lp.logprob))
+        top = {tokens.label(t): finite(v) for t, v in lp.top_logprobs.items()}
+        top.setdefault(tokens.label(tid), finite(lp.logprob))
         out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
         offset += len(s)
@@ -78,7 +81,16 @@ async def create_completion(state: ServerState, request: Request) -> Response:
         prompt_ids = prompt
     params = resolve(state, params, len(prompt_ids), {})
     request_id = f"cmpl-{uuid.uuid4().hex}"
+    record = RequestRecord(
+        state,
+        request_id,
+        "completions",
+        prompt if isinstance(prompt, str) else json.dumps(prompt),
+        req.model_dump(exclude_unset=True, exclude={"prompt", "model"}),
+        params.n,
+    )
     gen = await start_generation(state, request, prompt_ids, params, request_id)
+    record.prompt_tokens = len(prompt_ids)
     meta = {
         "id": request_id,
         "object": "text_completion",
@@ -86,15 +98,29 @@ async def create_completion(state: ServerState, request: Request) -> Response:
         "model": state.model_name,
     }
     headers = {"X-Request-Id": request_id}
+    tracker = new_tracker(state, params.n)
+    as_ids = bool(req.return_tokens_as_token_ids)  # logprobs name tokens "token_id:N"
     if req.stream:
-        chunks = _stream(gen, meta, TokenStrings(engine.tokenizer), req.include_usage)
-        return SSEResponse(guarded_stream(gen, chunks), gen.close, headers)
-    final = await collect(gen)
-    return JSONResponse(_response(gen, final, meta, TokenStrings(engine.tokenizer)), headers=headers)
+        tokens = TokenStrings(engine.tokenizer, as_ids)
+        chunks = _stream(gen, meta, tokens, req.include_usage, tracker, record)
+
+        async def cleanup() -> None:
+            await gen.close()
+            record.close(tracker)
+
+        return SSEResponse(guarded_stream(gen, chunks), cleanup, headers)
+    try:
+        outputs, record.last = await collect_choices(gen, tracker)
+        record.sent_all(outputs)
+    finally:
+        record.close(tracker)
+    body = _response(gen, outputs, record.last, meta, TokenStrings(engine.tokenizer, as_ids))
+    return JSONResponse(body, headers=headers)
 
 
-def _response(gen: Generation, final: Any, meta: dict, tokens: TokenStrings) -> dict[str, Any]:
-    outputs = final.outputs if final is not None else []
+def _response(
+    gen: Generation, outputs: list[Any], final: Any, meta: dict, tokens: TokenStrings
+) -> dict[str, Any]:
     choices = []
     for o in outputs:
         lp = None
@@ -109,20 +135,26 @@ def _response(gen: Generation, final: Any, meta: dict, tokens: TokenStrings) -> 
                 "stop_reason": o.stop_reason,
             }
         )
-    return {**meta, "choices": choices, "usage": usage(len(gen.prompt_ids), outputs)}
+    # usage counts every generated token, those of filtered text included
+    generated = final.outputs if final is not None else []
+    return {**meta, "choices": choices, "usage": usage(len(gen.prompt_ids), generated)}
 
 
 async def _stream(
-    gen: Generation, meta: dict, tokens: TokenStrings, include_usage: bool
+    gen: Generation,
+    meta: dict,
+    tokens: TokenStrings,
+    include_usage: bool,
+    tracker: DeltaTracker,
+    record: RequestRecord,
 ) -> AsyncIterator[str]:
     want_logprobs = gen.params.logprobs is not None
-    tracker = DeltaTracker(gen.params.n)
     offsets = [0] * gen.params.n
-    last = None
     extra = {"usage": None} if include_usage else {}
     async for out in gen.outputs():
-        last = out
-        for d in tracker.deltas(out, with_tokens=want_logprobs):
+        record.last = out
+        deltas = await tracker.step(out, with_tokens=want_logprobs)
+        for d in deltas:
             lp = None
             if want_logprobs and d.logprobs is not None:
                 lp, offsets[d.index] = _logprobs(tokens, d.token_ids, d.logprobs, offsets[d.index])
@@ -134,5 +166,9 @@ async def _stream(
                 "stop_reason": d.stop_reason,
             }
             yield sse({**meta, "choices": [choice], **extra})
+        record.sent(deltas)
+        if tracker.all_done:
+            break  # every choice ended (some refused by a filter): the engine need not go on
     if include_usage:
+        last = record.last
         yield sse({**meta, "choices": [], "usage": usage(len(gen.prompt_ids), last.outputs if last else [])})

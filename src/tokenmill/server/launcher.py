@@ -59,6 +59,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     if args.request_timeout is not None and not args.request_timeout > 0:
         raise ValueError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
+    if getattr(args, "request_log", False) and not getattr(args, "feedback_db", None):
+        raise ValueError("--request-log needs a database to write to: add --feedback-db PATH_OR_URL")
+    retention = getattr(args, "request_log_retention", None)
+    if retention is not None and not retention > 0:
+        raise ValueError(f"--request-log-retention must be > 0 days, got {retention}")
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -153,6 +158,20 @@ def serve(args: argparse.Namespace) -> int:
     with_engine = args.model is not None or not tasks
     if not with_engine and args.served_model_name:
         raise ValueError("--served-model-name names the --model's model; give --model too")
+    filters = None
+    if getattr(args, "filters", None):
+        from tokenmill.filters import load_filters
+
+        filters = load_filters(args.filters)  # before the models load: a bad file fails at once
+        logger.info("output filters from %s: %s", args.filters, filters.describe())
+    store = None
+    if getattr(args, "feedback_db", None):
+        # opened before the models load: a database that cannot be reached fails at once
+        from tokenmill.feedback import open_store
+
+        store = open_store(
+            args.feedback_db, request_log=args.request_log, retention_days=args.request_log_retention
+        )
     pipelines = None
     if tasks:
         from tokenmill.server.pipelines import load_pipelines
@@ -168,6 +187,8 @@ def serve(args: argparse.Namespace) -> int:
         served_model_name=model_name,
         api_key=api_key,
         request_timeout=args.request_timeout,
+        store=store,
+        filters=filters,
     )
     config = uvicorn.Config(
         app,
@@ -181,4 +202,6 @@ def serve(args: argparse.Namespace) -> int:
         server.run(sockets=[sock])
     finally:
         sock.close()
+        if store is not None:
+            store.close()  # closed by the app's lifespan already, unless it never started
     return 0 if server.started else 1  # a clean, drained shutdown is a success

@@ -75,6 +75,11 @@ class ServerMetrics:
         self.success = counter(
             "request_success_total", "Finished requests by finish reason.", labels=("finished_reason",)
         )
+        self.filter_actions = counter(
+            "filter_actions_total",
+            "Output filter decisions: spans masked, outputs refused, matches flagged.",
+            labels=("filter", "action"),
+        )
 
     def on_step(self, s: Any) -> None:
         """Engine listener: fold one step's StepStats in. Runs on the engine thread."""

@@ -46,7 +46,11 @@ MAX_BATCH_REQUESTS = 64
 #: most inputs in one request (OpenAI's limit for embeddings)
 MAX_INPUTS = 2048
 #: options whose results JSON cannot carry
-_NOT_OVER_HTTP = {"return_tensors": "tensors cannot be sent as JSON; leave it out to get lists"}
+_NOT_OVER_HTTP = {
+    "return_tensors": "tensors cannot be sent as JSON; leave it out to get lists",
+    # filters are the operator's choice, not the client's: a client could otherwise switch them off
+    "filters": "output filters are set by the server operator (tokenmill serve --filters FILE)",
+}
 
 
 # -- loading -----------------------------------------------------------------------

@@ -2,9 +2,9 @@
 
 Fields follow OpenAI's API plus the extras vLLM accepts (``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``,
-``skip_special_tokens``, ``include_stop_str_in_output``). Unknown fields are ignored,
-as OpenAI does. Types are strict (``"0.5"`` is not a number); value ranges are checked
-once, by SamplingParams, whose messages name the field.
+``skip_special_tokens``, ``include_stop_str_in_output``, ``return_tokens_as_token_ids``).
+Unknown fields are ignored, as OpenAI does. Types are strict (``"0.5"`` is not a number);
+value ranges are checked once, by SamplingParams, whose messages name the field.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ class _SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+    # logprobs name tokens "token_id:N" instead of their text
+    return_tokens_as_token_ids: bool | None = None
 
     @property
     def include_usage(self) -> bool:

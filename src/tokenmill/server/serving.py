@@ -41,6 +41,12 @@ class ServerState:
     model_name: str
     request_timeout: float | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    #: the feedback store (tokenmill.feedback.Store); routes log requests to it when set
+    store: Any | None = None
+    #: output filters (tokenmill.filters.FilterSet) applied to every completion and chat choice
+    filters: Any | None = None
+    #: the app's ServerMetrics (filter actions are counted there)
+    metrics: Any | None = None
 
 
 async def run_blocking(fn: Callable[..., Any], *args: Any, size: int = 0, **kwargs: Any) -> Any:
@@ -274,6 +280,138 @@ class DeltaTracker:
             result.append(Delta(i, text, tokens, logprobs, start, o.finish_reason, o.stop_reason))
         return result
 
+    async def step(self, out: RequestOutput, with_tokens: bool) -> list[Delta]:
+        """``deltas`` as the routes call it (a filtering tracker may wait for a classifier)."""
+        return self.deltas(out, with_tokens)
+
+    @property
+    def all_done(self) -> bool:
+        return all(self.done)
+
+    def decisions(self) -> list[dict[str, Any]]:
+        """What filters did, per choice (none here; see tokenmill.filters.tracker)."""
+        return []
+
+
+def new_tracker(state: ServerState, n: int) -> DeltaTracker:
+    """The delta tracker of one request: filtering when the server has filters."""
+    if state.filters is None:
+        return DeltaTracker(n)
+    from tokenmill.filters.tracker import FilteredDeltas
+
+    return FilteredDeltas(state.filters, n)
+
+
+async def collect_choices(gen: Generation, tracker: DeltaTracker) -> tuple[list[CompletionOutput], Any]:
+    """The choices of a non-streaming response and the engine's last snapshot.
+
+    Without filters the choices are the last snapshot's. With filters they are what the
+    tracker releases, put together; a choice refused early ends the generation early.
+    """
+    if type(tracker) is DeltaTracker:
+        final = await collect(gen)
+        return (final.outputs if final is not None else []), final
+    n = gen.params.n
+    want_lp = gen.params.logprobs is not None
+    choices = [CompletionOutput(i, "", [], None, logprobs=[] if want_lp else None) for i in range(n)]
+    last = None
+    try:
+        async for out in gen.outputs():
+            last = out
+            for d in await tracker.step(out, with_tokens=want_lp):
+                c = choices[d.index]
+                c.text += d.text
+                c.token_ids.extend(d.token_ids)
+                if c.logprobs is not None and d.logprobs is not None:
+                    c.logprobs.extend(d.logprobs)
+                if d.finish_reason is not None:
+                    c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
+            if tracker.all_done:
+                break  # closing the stream below aborts what the engine still runs
+    except EngineDeadError as e:
+        raise engine_dead(e) from None
+    finally:
+        await gen.close()
+    return choices, last
+
+
+class RequestRecord:
+    """One completion request as the request log and the filter metrics see it: what was
+    sent to the client, how it ended, what the filters did, and when."""
+
+    def __init__(
+        self, state: ServerState, request_id: str, route: str, prompt: str, params: dict[str, Any], n: int
+    ) -> None:
+        self.state = state
+        self.request_id = request_id
+        self.route = route
+        self.prompt = prompt
+        self.params = params
+        self.created = time.time()
+        self.started = time.perf_counter()
+        self.texts: list[list[str]] = [[] for _ in range(n)]
+        self.finish_reasons: list[str | None] = [None] * n
+        self.first_text: float | None = None
+        self.last: RequestOutput | None = None
+        self.prompt_tokens = 0
+        self._closed = False
+
+    def sent(self, deltas: list[Delta]) -> None:
+        """Note deltas as they go to the client."""
+        for d in deltas:
+            if d.text:
+                self.texts[d.index].append(d.text)
+                if self.first_text is None:
+                    self.first_text = time.perf_counter()
+            if d.finish_reason is not None:
+                self.finish_reasons[d.index] = d.finish_reason
+
+    def sent_all(self, outputs: list[CompletionOutput]) -> None:
+        """Note a whole (non-streaming) response."""
+        for o in outputs:
+            self.texts[o.index] = [o.text]
+            self.finish_reasons[o.index] = o.finish_reason or "abort"
+        if any(o.text for o in outputs):
+            self.first_text = time.perf_counter()
+
+    def close(self, tracker: DeltaTracker) -> None:
+        """Count the filter decisions and write the log record (once). Never raises: the
+        user's request must not fail for its log."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            decisions = tracker.decisions()
+            metrics = self.state.metrics
+            if metrics is not None:
+                for d in decisions:
+                    metrics.filter_actions.labels(filter=d["filter"], action=d["action"]).inc(d["count"])
+            if self.state.store is not None:
+                self.state.store.log_request(self._record(decisions))
+        except Exception:
+            logger.exception("could not record request %s", self.request_id)
+
+    def _record(self, decisions: list[dict[str, Any]]) -> dict[str, Any]:
+        now = time.perf_counter()
+        outputs = self.last.outputs if self.last is not None else []
+        return {
+            "id": self.request_id,
+            "created": self.created,
+            "model": self.state.model_name,
+            "route": self.route,
+            "prompt": self.prompt,
+            "output": ["".join(t) for t in self.texts],
+            "params": self.params,
+            "finish_reasons": [r or "abort" for r in self.finish_reasons],
+            "filter_decisions": decisions,
+            "timing": {
+                "ttft_s": None if self.first_text is None else self.first_text - self.started,
+                "total_s": now - self.started,
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": sum(len(o.token_ids) for o in outputs),
+            },
+        }
+
 
 class SSEResponse(StreamingResponse):
     """A server-sent event stream that runs ``cleanup`` however it ends, even when the
@@ -323,11 +461,21 @@ def finite(x: float) -> float:
 
 
 class TokenStrings:
-    """Each token decoded on its own (special tokens kept), cached per request."""
+    """Each token decoded on its own (special tokens kept), cached per request.
 
-    def __init__(self, tokenizer: Any) -> None:
+    ``as_ids`` is vLLM's ``return_tokens_as_token_ids``: ``label`` names a token
+    ``"token_id:123"`` instead of its text, so a client gets exact ids back even where a
+    token is part of a UTF-8 character or decodes the same as another.
+    """
+
+    def __init__(self, tokenizer: Any, as_ids: bool = False) -> None:
         self.tokenizer = tokenizer
+        self.as_ids = as_ids
         self.cache: dict[int, str] = {}
+
+    def label(self, token_id: int) -> str:
+        """The token as logprobs name it: its text, or ``token_id:N``."""
+        return f"token_id:{token_id}" if self.as_ids else self(token_id)
 
     def __call__(self, token_id: int) -> str:
         s = self.cache.get(token_id)
