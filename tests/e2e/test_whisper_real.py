@@ -385,3 +385,20 @@ def test_language_detection_and_translation_on_speech(name, asr):
     audio, sr = sf.read(io.BytesIO(wav), dtype="float32")
     german = asr({"array": audio, "sampling_rate": sr}, return_language=True)
     assert german["chunks"][0]["language"] == "german", german
+
+
+def test_silence_after_speech_gives_no_made_up_text(name, asr):
+    """A clip that ends in 45 s of silence: Whisper writes something for the silent window
+    (" you", "."); with its own transcribe's thresholds that window is dropped."""
+    speech = _speech("The train left the station early. My sister plays the piano every day.")
+    alone = asr(speech, return_timestamps=True)
+    padded = np.concatenate([speech, np.zeros(45 * 16_000, dtype=np.float32)])
+    got = asr(padded, return_timestamps=True, no_speech_threshold=0.6, logprob_threshold=-1.0)
+    if name == "whisper-tiny.en":
+        assert got == alone
+    else:
+        # base is sure of its " you" (average log-probability above -1), which these
+        # thresholds keep, as Whisper's transcribe would; the threshold alone drops it
+        got = asr(padded, return_timestamps=True, no_speech_threshold=0.6)
+        assert got == alone
+    assert asr(np.zeros(10 * 16_000, dtype=np.float32), no_speech_threshold=0.6) == {"text": ""}

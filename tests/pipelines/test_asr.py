@@ -312,6 +312,13 @@ def test_bad_options_name_the_problem(english, multi):
         (multi, {"prompt": "  "}, "prompt must be a non-empty string"),
         (multi, {"prompt": "fox " * 300}, "Whisper takes at most 223 tokens of prompt"),
         (multi, {"truncation": True}, "unknown option.*'truncation'"),
+        (multi, {"no_speech_threshold": 1.5}, r"no_speech_threshold must be a probability between 0 and 1"),
+        (
+            multi,
+            {"no_speech_threshold": 0.6, "logprob_threshold": 0.5},
+            "logprob_threshold must be a log-prob",
+        ),
+        (multi, {"logprob_threshold": -1.0}, "only acts together with no_speech_threshold; give both"),
     ]
     for s, options, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -322,3 +329,34 @@ def test_bad_options_name_the_problem(english, multi):
     assert english.pipe(audio, language="english", task="transcribe", max_new_tokens=5) == english.pipe(
         audio, max_new_tokens=5
     )
+
+
+def _no_speech_prob(s: Setup, audio: np.ndarray) -> float:
+    """P(<|nospeech|>) after <|startoftranscript|> for one window, computed here by hand."""
+    pipe = s.pipe
+    f = pipe.features(audio)
+    f = f if f.dim() == 2 else f[0]
+    window = torch.nn.functional.pad(f, (0, 3000 - f.shape[-1]))[None]
+    with torch.inference_mode():
+        cache = pipe.model.start_decoding(pipe.model.encode(window), capacity=2)
+        logits = pipe.model.decode(torch.tensor([[pipe.tokens.sot]]), cache)[0, 0].float()
+    return logits.softmax(-1)[pipe.tokens.no_speech].item()
+
+
+def test_no_speech_threshold_drops_silent_windows(english):
+    audio = _audio(10.0, 4)  # one window: without timestamps short audio is decoded once
+    kept = english.pipe(audio, max_new_tokens=N)
+    assert kept["text"]
+    p = _no_speech_prob(english, audio)
+    # just above the window's no-speech probability: it is speech, nothing changes
+    assert english.pipe(audio, max_new_tokens=N, no_speech_threshold=p * 1.01) == kept
+    # just below: the window is silence and gives no text
+    assert english.pipe(audio, max_new_tokens=N, no_speech_threshold=p * 0.99) == {"text": ""}
+    # with a log-probability threshold the text must also be unlikely to be dropped
+    assert english.pipe(audio, max_new_tokens=N, no_speech_threshold=p * 0.99, logprob_threshold=-1e9) == kept
+    # long audio: every window over the threshold is skipped whole, and the call ends
+    long = _audio(45.3, 3)
+    assert english.pipe(long, return_timestamps=True, max_new_tokens=N, no_speech_threshold=1e-12) == {
+        "text": "",
+        "chunks": [],
+    }

@@ -219,3 +219,18 @@ def test_openai_client(pipes, clip):
         assert text.strip() == pipes["tiny-en"](audio)["text"].strip()  # decoded without timestamps
     finally:
         server.stop()
+
+
+def test_windows_heard_as_silence_give_no_text(client, pipes, clip, monkeypatch):
+    """The route drops windows as Whisper's transcribe does (no-speech probability over 0.6
+    and average log-probability under -1); a threshold no window passes shows it is applied."""
+    from tokenmill.server import audio
+
+    wav, audio_array = clip
+    want = pipes["tiny-en"](audio_array, no_speech_threshold=0.6, logprob_threshold=-1.0)["text"].strip()
+    assert _post(client, file=wav).json() == {"text": want}
+    monkeypatch.setattr(audio, "NO_SPEECH_THRESHOLD", 1e-12)
+    monkeypatch.setattr(audio, "LOGPROB_THRESHOLD", 0.0)
+    r = _post(client, file=wav, response_format="verbose_json")
+    assert r.status_code == 200, r.text
+    assert r.json()["text"] == "" and r.json()["segments"] == []

@@ -41,6 +41,9 @@ class WhisperTokens:
     eot: int
     no_timestamps: int | None
     prev_sot: int | None
+    #: ``<|nospeech|>`` (``<|nocaptions|>`` in older vocabularies): its probability after
+    #: ``<|startoftranscript|>`` says how likely a window holds no speech
+    no_speech: int | None
     #: language code ("en") -> token id; empty for English-only models
     lang_to_id: dict[str, int]
     task_to_id: dict[str, int]
@@ -68,11 +71,17 @@ class WhisperTokens:
         eot = eot[0] if isinstance(eot, (list, tuple)) else eot
         lang_to_id = {k.strip("<|>"): int(v) for k, v in (gen.get("lang_to_id") or {}).items()}
         no_ts = gen.get("no_timestamps_token_id", token("<|notimestamps|>"))
+        no_speech = token("<|nospeech|>")
+        if no_speech is None:
+            no_speech = token("<|nocaptions|>")
+        if no_speech is None and no_ts is not None:
+            no_speech = int(no_ts) - 1  # where every released vocabulary puts it
         return cls(
             sot=int(gen.get("decoder_start_token_id", config.decoder_start_token_id)),
             eot=int(eot),
             no_timestamps=None if no_ts is None else int(no_ts),
             prev_sot=gen.get("prev_sot_token_id", token("<|startofprev|>")),
+            no_speech=no_speech,
             lang_to_id=lang_to_id,
             task_to_id={k: int(v) for k, v in (gen.get("task_to_id") or {}).items()},
             multilingual=bool(gen.get("is_multilingual", bool(lang_to_id))),
@@ -95,6 +104,10 @@ class DecodeOptions:
         max_new_tokens: most tokens written per window (default: as many as fit).
         temperature: 0 decodes greedily; above 0 samples.
         prompt_ids: ``<|startofprev|>`` and the prompt's tokens, before every window's prompt.
+        no_speech_threshold: a window whose ``<|nospeech|>`` probability is above this, and
+            whose text has an average log-probability below ``logprob_threshold`` (when that
+            is set), is taken as silence: it gives no text. None keeps every window's text.
+        logprob_threshold: see ``no_speech_threshold``.
     """
 
     language_id: int | None = None
@@ -104,6 +117,8 @@ class DecodeOptions:
     temperature: float = 0.0
     prompt_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    no_speech_threshold: float | None = None
+    logprob_threshold: float | None = None
 
 
 @dataclass
@@ -213,9 +228,12 @@ def _decode_windows(
         )
     max_new = limit - P if options.max_new_tokens is None else options.max_new_tokens
     cache = model.start_decoding(hidden, capacity=P + max_new)
-    written = _generate(model, tokens, cache, prompts, max_new, options, timestamps, device)
-    for x, seq in zip(rows, written):
+    written, silent = _generate(model, tokens, cache, prompts, max_new, options, timestamps, device)
+    for x, seq, skip in zip(rows, written, silent):
         window_frames = min(n_frames, x.max_frames - x.seek)
+        if skip:  # what Whisper writes for a silent window is made up ("you", "."): drop it
+            x.seek += window_frames
+            continue
         segments, advance = split_segments(seq, tokens.timestamp_begin, x.seek, window_frames)
         x.segments += segments
         x.seek += advance if advance > 0 else window_frames
@@ -239,9 +257,12 @@ def _generate(
     options: DecodeOptions,
     timestamps: bool,
     device: torch.device,
-) -> list[list[int]]:
-    """Each row's written tokens (EOT dropped), greedy or sampled."""
+) -> tuple[list[list[int]], list[bool]]:
+    """Each row's written tokens (EOT dropped), greedy or sampled, and whether the row is
+    silence by ``options.no_speech_threshold``."""
     B = len(prompts)
+    check_speech = options.no_speech_threshold is not None and tokens.no_speech is not None
+    sum_logprob = [0.0] * B  # of each chosen token, EOT included, after the rules (as Whisper scores)
     neg = float("-inf")
     suppress = torch.tensor(tokens.suppress_tokens, dtype=torch.long, device=device)
     begin = torch.tensor(tokens.begin_suppress_tokens, dtype=torch.long, device=device)
@@ -249,8 +270,14 @@ def _generate(
     out: list[list[int]] = [[] for _ in range(B)]
     alive = list(range(B))
     step_ids = torch.tensor(prompts, dtype=torch.long, device=device)  # (B, P): the prompt in one step
+    no_speech_prob = [0.0] * B
     for step in range(max_new):
-        logits = model.decode(step_ids, cache)[:, -1].float()  # (A, V)
+        all_logits = model.decode(step_ids, cache)
+        if step == 0 and check_speech:
+            sot_at = len(options.prompt_ids)  # the prompt's position of <|startoftranscript|>
+            probs = all_logits[:, sot_at].float().softmax(dim=-1)[:, tokens.no_speech]
+            no_speech_prob = probs.tolist()
+        logits = all_logits[:, -1].float()  # (A, V)
         # transformers' order: begin-suppress, suppress, timestamp rules
         if step == 0 and begin.numel():
             logits.index_fill_(1, begin, neg)
@@ -264,6 +291,11 @@ def _generate(
             next_ids = (probs / noise).argmax(dim=-1).tolist()  # a sample from probs, without a host sync
         else:
             next_ids = logits.argmax(dim=-1).tolist()
+        if check_speech:
+            chosen = torch.tensor(next_ids, device=device).unsqueeze(1)
+            lp = logits.log_softmax(dim=-1).gather(1, chosen).squeeze(1).tolist()
+            for a, r in enumerate(alive):
+                sum_logprob[r] += lp[a]
         keep = []
         for a, r in enumerate(alive):
             if next_ids[a] == tokens.eot:
@@ -276,7 +308,14 @@ def _generate(
             cache.select_rows(torch.tensor(keep, dtype=torch.long, device=device))
             alive = [alive[a] for a in keep]
         step_ids = torch.tensor([[next_ids[a]] for a in keep], dtype=torch.long, device=device)
-    return out
+    silent = [False] * B
+    if check_speech:
+        for r in range(B):
+            avg = sum_logprob[r] / (len(out[r]) + 1)  # +1: the EOT, as Whisper averages
+            silent[r] = no_speech_prob[r] > options.no_speech_threshold and (
+                options.logprob_threshold is None or avg < options.logprob_threshold
+            )
+    return out, silent
 
 
 class TimestampRules:

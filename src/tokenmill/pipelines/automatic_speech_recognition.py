@@ -13,7 +13,11 @@ takes them): ``language`` ("en", "english", "<|en|>"; detected from the first 30
 where not given), ``task`` ("transcribe", or "translate" into English), ``max_new_tokens``
 (per 30-second window), ``temperature`` (0, the default, decodes greedily), ``prompt``
 (text the model takes as what was said before, for spellings and style),
-``return_language`` (chunks carry the language's name).
+``return_language`` (chunks carry the language's name), ``no_speech_threshold`` and
+``logprob_threshold`` (a window whose ``<|nospeech|>`` probability is over the first and
+whose text's average log-probability is under the second is silence and gives no text;
+Whisper's own transcribe uses 0.6 and -1.0; unset, as in transformers, every window's
+text is kept).
 """
 
 from __future__ import annotations
@@ -34,7 +38,17 @@ from tokenmill.weights.task_loader import LoadedTaskModel
 
 TASKS = ("transcribe", "translate")
 #: generate_kwargs keys the pipeline reads (transformers' names)
-GENERATE_KWARGS = frozenset({"language", "task", "max_new_tokens", "temperature", "num_beams"})
+GENERATE_KWARGS = frozenset(
+    {
+        "language",
+        "task",
+        "max_new_tokens",
+        "temperature",
+        "num_beams",
+        "no_speech_threshold",
+        "logprob_threshold",
+    }
+)
 #: transformers' chunked decoding options, which the sequential long-form method replaces
 _CHUNKING = ("chunk_length_s", "stride_length_s")
 
@@ -139,6 +153,20 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         t = options.get("temperature")
         if t is not None and (isinstance(t, bool) or not isinstance(t, Real) or not 0 <= t <= 2):
             raise ValueError(f"temperature must be a number in [0, 2] (0 decodes greedily), got {t!r}")
+        ns = options.get("no_speech_threshold")
+        if ns is not None and (isinstance(ns, bool) or not isinstance(ns, Real) or not 0 < ns < 1):
+            raise ValueError(
+                f"no_speech_threshold must be a probability between 0 and 1 (Whisper uses 0.6), got {ns!r}"
+            )
+        if ns is not None and self.tokens.no_speech is None:
+            raise ValueError("this model's vocabulary has no <|nospeech|> token, so it cannot detect silence")
+        lt = options.get("logprob_threshold")
+        if lt is not None and (isinstance(lt, bool) or not isinstance(lt, Real) or not lt <= 0):
+            raise ValueError(
+                f"logprob_threshold must be a log-probability (a number <= 0; Whisper uses -1.0), got {lt!r}"
+            )
+        if lt is not None and ns is None:
+            raise ValueError("logprob_threshold only acts together with no_speech_threshold; give both")
         if "prompt" in options:
             self._prompt_ids(options["prompt"])  # checks it
         return options
@@ -191,6 +219,8 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
             max_new_tokens=options.get("max_new_tokens"),
             temperature=float(options.get("temperature") or 0.0),
             prompt_ids=self._prompt_ids(options.get("prompt")),
+            no_speech_threshold=options.get("no_speech_threshold"),
+            logprob_threshold=options.get("logprob_threshold"),
         )
 
     # -- inputs -----------------------------------------------------------------------

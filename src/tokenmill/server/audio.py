@@ -25,6 +25,9 @@ from tokenmill.server.errors import APIError, clip, invalid_param
 from tokenmill.server.pipelines import PipelineSet, ServedPipeline, pick_model
 
 TASK = "automatic-speech-recognition"
+#: Whisper's transcribe defaults for skipping windows without speech
+NO_SPEECH_THRESHOLD = 0.6
+LOGPROB_THRESHOLD = -1.0
 RESPONSE_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
 #: form fields OpenAI defines; any other is an error naming them
 FIELDS = {
@@ -121,6 +124,10 @@ def _job(sp: ServedPipeline, data: bytes, opts: dict[str, Any], meta: dict[str, 
     from tokenmill.pipelines.base import PipelineInputError
 
     pipe = sp.pipe
+    if "no_speech_threshold" in getattr(pipe, "call_options", ()):
+        # Whisper's own transcribe drops windows it hears as silence; without this a silent
+        # tail comes back as a made-up " you" or "."
+        opts = {"no_speech_threshold": NO_SPEECH_THRESHOLD, "logprob_threshold": LOGPROB_THRESHOLD, **opts}
 
     def prepare() -> tuple[list[Any], dict[str, Any]]:
         try:
