@@ -173,3 +173,26 @@ def test_cli_errors(tmp_path, capsys):
     assert "unsupported database URL scheme 'mysql://'" in capsys.readouterr().err
     assert main(["feedback", "stats", "--db", db]) == 0
     assert capsys.readouterr().out == "0 feedback, mean rating -; 0 requests logged\n"
+
+
+def test_export_into_a_closed_pipe_stops_quietly(tmp_path):
+    """`tokenmill feedback export | head -1`: the reader leaves early; no traceback."""
+    import subprocess
+    import sys
+
+    db = tmp_path / "many.db"
+    store = open_store(str(db))
+    for i in range(3000):  # well over a pipe's 64 KiB buffer
+        store.add_feedback(f"cmpl-{i}", 1 + i % 5, comment="x" * 40)
+    store.close()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokenmill.cli.main", "feedback", "export", "--db", str(db)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    first = proc.stdout.readline()
+    proc.stdout.close()  # as `head -1` does after its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 141, err
+    assert json.loads(first)["request_id"] == "cmpl-0"
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
