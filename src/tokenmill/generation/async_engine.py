@@ -7,6 +7,8 @@ so every PyTorch call of the engine, loading included, comes from one thread (se
 inbox; each step's outputs go back to the waiting coroutines with
 ``call_soon_threadsafe``. A request whose consumer stops listening (a client that
 disconnects) is aborted, and its KV blocks are freed before the next step runs.
+Other work on the model (beam search) goes through ``run_on_model_thread``: it runs on
+the same thread between two steps, so it never races them.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any
 
+from tokenmill.generation.beam_search import beam_search, to_hypotheses
 from tokenmill.generation.engine import EngineConfig, LLMEngine
-from tokenmill.generation.errors import EngineDeadError, EngineOverloadedError
-from tokenmill.generation.outputs import RequestOutput
-from tokenmill.generation.sampling_params import SamplingParams
+from tokenmill.generation.errors import EngineDeadError, EngineOverloadedError, check_context
+from tokenmill.generation.outputs import BeamHypothesis, RequestOutput
+from tokenmill.generation.sampling_params import BeamSearchParams, SamplingParams
 from tokenmill.generation.stats import EngineStats, StepStats
 
 log = logging.getLogger("tokenmill.engine")
@@ -84,6 +87,8 @@ class AsyncEngine:
         self._wake = threading.Condition(self._lock)
         self._adds: list[tuple] = []
         self._aborts: list[str] = []
+        self._calls: list[tuple[Callable[[], Any], Future]] = []
+        self._calls_in_flight = 0
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._listeners: list[Callable[[StepStats], None]] = []
         self._worker = torch_thread
@@ -130,7 +135,7 @@ class AsyncEngine:
         """Stop accepting; let in-flight requests finish for up to ``timeout`` s, abort the rest."""
         self._accepting = False
         end = time.monotonic() + timeout
-        while self._queues and time.monotonic() < end and self.is_running:
+        while (self._queues or self._calls_in_flight) and time.monotonic() < end and self.is_running:
             await asyncio.sleep(0.05)
         with self._lock:
             self._stop = True  # the engine thread aborts what is left; streams get an error event
@@ -212,6 +217,51 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
+    async def run_on_model_thread(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn()`` on the engine thread between two steps and return its result.
+
+        Engine steps wait while ``fn`` runs, so it may use the model and its runner freely
+        (beam search does). Its exception is raised here; it does not stop the engine.
+        A caller that stops waiting before ``fn`` starts cancels it.
+        """
+        if not self.is_running or not self._accepting:
+            raise EngineDeadError(self._dead_reason())
+        future: Future = Future()
+        with self._lock:
+            if self._error is not None or self._stop:
+                raise EngineDeadError(self._dead_reason())
+            self._calls.append((fn, future))
+            self._wake.notify()
+        self._calls_in_flight += 1
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            self._calls_in_flight -= 1
+
+    async def beam_search(
+        self, prompt_ids: list[int], params: BeamSearchParams, check: Callable[[], None] | None = None
+    ) -> list[BeamHypothesis]:
+        """``LLM.beam_search`` of one prompt, run on the engine thread: hypotheses best first.
+
+        The search keeps its own dense KV cache (``beam_width`` rows of prompt plus
+        ``max_tokens``), outside the paged cache; engine steps wait until it ends.
+        ``check`` is called before each forward pass; what it raises ends the search.
+        """
+        check_context(len(prompt_ids), params.max_tokens, self.max_model_len)
+        engine, ids = self.engine, list(prompt_ids)
+
+        def check_step() -> None:
+            if self._stop:  # shutdown waited its time; the engine thread must end
+                raise EngineDeadError("the server is shutting down")
+            if check is not None:
+                check()
+
+        def run() -> list[BeamHypothesis]:
+            results = beam_search(engine.runner, ids, params, engine.eos_token_ids, check_step)
+            return to_hypotheses(results, self.tokenizer, params.skip_special_tokens)
+
+        return await self.run_on_model_thread(run)
+
     def _dead_reason(self) -> str:
         if self._error is not None:
             return f"the engine stopped after an error: {self._error}"
@@ -222,13 +272,17 @@ class AsyncEngine:
     # -- the engine thread ------------------------------------------------------------
     def _loop(self) -> None:
         engine = self.engine
+        calls: list[tuple[Callable[[], Any], Future]] = []
         try:
             while True:
                 with self._lock:
-                    while not (self._stop or self._adds or self._aborts or engine.has_unfinished()):
+                    while not (
+                        self._stop or self._adds or self._aborts or self._calls or engine.has_unfinished()
+                    ):
                         self._wake.wait()
                     adds, self._adds = self._adds, []
                     aborts, self._aborts = self._aborts, []
+                    calls, self._calls = self._calls, []
                     stop = self._stop
                 for request_id in aborts:
                     group = engine.get_group(request_id)
@@ -242,6 +296,21 @@ class AsyncEngine:
                     except Exception as e:  # one bad request fails alone, not the engine
                         self._send(request_id, e if isinstance(e, ValueError) else ValueError(str(e)))
                 if stop:
+                    self._fail_calls(calls, EngineDeadError("the server is shutting down"))
+                    calls = []
+                for fn, future in calls:
+                    if not future.set_running_or_notify_cancel():
+                        continue  # its caller stopped waiting
+                    try:
+                        result = fn()
+                    except BaseException as e:  # the caller's error; only a non-Exception stops the engine
+                        future.set_exception(e)
+                        if not isinstance(e, Exception):
+                            raise
+                    else:
+                        future.set_result(result)
+                calls = []  # an idle loop keeps no result (nor a failed call's traceback) alive
+                if stop:
                     for request_id in list(self._queues):
                         engine.abort(request_id)
                     self._publish(engine.step())  # reports the aborts; runs nothing
@@ -254,7 +323,16 @@ class AsyncEngine:
             for request_id in list(self._queues):
                 self._send(request_id, EngineDeadError(f"the engine stopped after an error: {e}"))
         finally:
+            with self._lock:
+                calls, self._calls = calls + self._calls, []
+            self._fail_calls(calls, EngineDeadError(self._dead_reason()))
             self._stats = engine.stats()
+
+    @staticmethod
+    def _fail_calls(calls: list[tuple[Callable[[], Any], Future]], error: BaseException) -> None:
+        for _fn, future in calls:
+            if not future.done() and (future.running() or future.set_running_or_notify_cancel()):
+                future.set_exception(error)
 
     def _publish(self, groups) -> None:
         engine = self.engine

@@ -9,6 +9,8 @@ holds ``beam_width`` hypotheses.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from tokenmill.generation.outputs import BeamHypothesis
@@ -20,13 +22,23 @@ _NEG = -1.0e9
 
 
 def beam_search(
-    runner: ModelRunner, prompt_ids: list[int], params: BeamSearchParams, eos_ids: list[int]
+    runner: ModelRunner,
+    prompt_ids: list[int],
+    params: BeamSearchParams,
+    eos_ids: list[int],
+    check: Callable[[], None] | None = None,
 ) -> list[tuple[float, float, list[int], str]]:
-    """Returns (score, cumulative logprob, generated ids, finish reason), best first."""
+    """Returns (score, cumulative logprob, generated ids, finish reason), best first.
+
+    ``check`` is called before each forward pass; what it raises ends the search (a
+    server stops the search of a client that left this way).
+    """
     device = runner.device
     W = params.beam_width
     stop_ids = set(params.stop_token_ids or []) | (set() if params.ignore_eos else set(eos_ids))
     L = len(prompt_ids)
+    if check is not None:
+        check()
     cache = runner.new_cache(1, L + params.max_tokens)
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     pos = torch.arange(L, device=device).unsqueeze(0)
@@ -67,6 +79,8 @@ def beam_search(
         scores = torch.tensor([v for _, _, v in next_beams], device=device)
         tokens = torch.tensor([[t] for _, t, _ in next_beams], dtype=torch.long, device=device)
         positions = torch.full((W, 1), L + step, dtype=torch.long, device=device)
+        if check is not None:
+            check()
         logits = runner.forward(tokens, positions, DenseAttention(cache, L + step, 1, L + step))
     return finished
 

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tokenmill.generation.outputs import Logprob
-from tokenmill.server import protocol
+from tokenmill.server import beam, protocol
 from tokenmill.server.errors import clip, invalid_param
 from tokenmill.server.serving import (
     DeltaTracker,
@@ -73,6 +73,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     )
     check_model(state, req.model)
     _check_unsupported(req)
+    beam.check_request(req, bool(req.logprobs), "logprobs")  # top_logprobs needs logprobs (above)
     messages = protocol.chat_messages(req.messages)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     names = dict(_NAMES)
@@ -103,6 +104,10 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     if not prompt_ids:
         raise invalid_param("the chat template produced an empty prompt", "messages")
     params = resolve(state, params, len(prompt_ids), names)
+    beam_params = None
+    if req.use_beam_search:
+        beam_params = beam.beam_params(req, params)
+        beam.check_cache(engine, len(prompt_ids), beam_params, names)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     record = RequestRecord(
         state,
@@ -112,7 +117,10 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
         req.model_dump(exclude_unset=True, exclude={"messages", "model"}),
         params.n,
     )
-    gen = await start_generation(state, request, prompt_ids, params, request_id)
+    if beam_params is not None:
+        gen = await beam.start_beam_search(state, request, prompt_ids, params, beam_params, request_id)
+    else:
+        gen = await start_generation(state, request, prompt_ids, params, request_id)
     record.prompt_tokens = len(prompt_ids)
     meta = {"id": request_id, "created": int(time.time()), "model": state.model_name}
     headers = {"X-Request-Id": request_id}

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tokenmill.generation.outputs import Logprob
-from tokenmill.server import protocol
+from tokenmill.server import beam, protocol
 from tokenmill.server.errors import invalid_param
 from tokenmill.server.serving import (
     DeltaTracker,
@@ -66,6 +66,7 @@ async def create_completion(state: ServerState, request: Request) -> Response:
         raise invalid_param("suffix is not supported", "suffix")
     if req.best_of is not None and req.best_of != (req.n or 1):
         raise invalid_param("best_of is not supported (only best_of equal to n)", "best_of")
+    beam.check_request(req, req.logprobs is not None, "logprobs")
     prompt = protocol.completion_prompt(req.prompt, engine.vocab_size)
     params = protocol.sampling_params(
         req,
@@ -80,6 +81,10 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     else:
         prompt_ids = prompt
     params = resolve(state, params, len(prompt_ids), {})
+    beam_params = None
+    if req.use_beam_search:
+        beam_params = beam.beam_params(req, params)
+        beam.check_cache(engine, len(prompt_ids), beam_params, {})
     request_id = f"cmpl-{uuid.uuid4().hex}"
     record = RequestRecord(
         state,
@@ -89,7 +94,10 @@ async def create_completion(state: ServerState, request: Request) -> Response:
         req.model_dump(exclude_unset=True, exclude={"prompt", "model"}),
         params.n,
     )
-    gen = await start_generation(state, request, prompt_ids, params, request_id)
+    if beam_params is not None:
+        gen = await beam.start_beam_search(state, request, prompt_ids, params, beam_params, request_id)
+    else:
+        gen = await start_generation(state, request, prompt_ids, params, request_id)
     record.prompt_tokens = len(prompt_ids)
     meta = {
         "id": request_id,

@@ -69,8 +69,8 @@ def playground_config(app: FastAPI) -> dict[str, Any]:
         "llm": llm,
         "tasks": tasks,
         "routes": routes,
-        # the HTTP routes sample; beam search runs through the Python API (LLM.beam_search)
-        "beam_search": False,
+        # the completion routes run beam search too (use_beam_search, n, length_penalty)
+        "beam_search": True,
         "filters": bool(getattr(app.state, "filters", None)),
     }
 

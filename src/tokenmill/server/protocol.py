@@ -2,7 +2,8 @@
 
 Fields follow OpenAI's API plus the extras vLLM accepts (``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``,
-``skip_special_tokens``, ``include_stop_str_in_output``, ``return_tokens_as_token_ids``).
+``skip_special_tokens``, ``include_stop_str_in_output``, ``return_tokens_as_token_ids``,
+and ``use_beam_search`` with ``length_penalty`` and ``early_stopping``, see server/beam.py).
 Unknown fields are ignored, as OpenAI does. Types are strict (``"0.5"`` is not a number);
 value ranges are checked once, by SamplingParams, whose messages name the field.
 """
@@ -59,6 +60,10 @@ class _SamplingRequest(BaseModel):
     include_stop_str_in_output: bool | None = None
     # logprobs name tokens "token_id:N" instead of their text
     return_tokens_as_token_ids: bool | None = None
+    # beam search (vLLM's extras): n beams, n hypotheses returned best first
+    use_beam_search: bool | None = None
+    length_penalty: float | None = None
+    early_stopping: bool | None = None
 
     @property
     def include_usage(self) -> bool:
