@@ -27,7 +27,7 @@ from tokenmill.generation.async_engine import EngineDeadError
 from tokenmill.generation.outputs import BeamHypothesis, CompletionOutput, RequestMetrics, RequestOutput
 from tokenmill.generation.sampling_params import BeamSearchParams, SamplingParams
 from tokenmill.server.errors import SERVER_ERROR, APIError, invalid_param
-from tokenmill.server.serving import DisconnectWatcher, Generation, ServerState, engine_dead
+from tokenmill.server.serving import DisconnectWatcher, Generation, ServerState, engine_dead, start_generation
 
 # request field -> (is the value neutral?, what to send instead)
 _SAMPLING_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -213,3 +213,21 @@ def _count(state: ServerState, out: RequestOutput) -> None:
     m.e2e.observe(out.metrics.e2e_s or 0.0)
     m.req_prompt.observe(out.metrics.prompt_tokens)
     m.req_gen.observe(out.metrics.output_tokens)
+
+
+async def start(
+    state: ServerState,
+    request: Request,
+    req: Any,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    names: dict[str, str],
+    request_id: str,
+) -> Generation:
+    """The request's generation: a beam search when it asks for one, else sampling on the
+    engine. ``names`` maps SamplingParams fields to the request's names for errors."""
+    if not req.use_beam_search:
+        return await start_generation(state, request, prompt_ids, params, request_id)
+    bp = beam_params(req, params)
+    check_cache(state.engine, len(prompt_ids), bp, names)
+    return await start_beam_search(state, request, prompt_ids, params, bp, request_id)

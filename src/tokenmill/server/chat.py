@@ -8,7 +8,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi.responses import JSONResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -20,17 +19,14 @@ from tokenmill.server.serving import (
     Generation,
     RequestRecord,
     ServerState,
-    SSEResponse,
     TokenStrings,
     check_model,
-    collect_choices,
     finite,
-    guarded_stream,
     new_tracker,
     resolve,
+    respond,
     run_blocking,
     sse,
-    start_generation,
     usage,
 )
 
@@ -104,10 +100,6 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     if not prompt_ids:
         raise invalid_param("the chat template produced an empty prompt", "messages")
     params = resolve(state, params, len(prompt_ids), names)
-    beam_params = None
-    if req.use_beam_search:
-        beam_params = beam.beam_params(req, params)
-        beam.check_cache(engine, len(prompt_ids), beam_params, names)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     record = RequestRecord(
         state,
@@ -117,30 +109,22 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
         req.model_dump(exclude_unset=True, exclude={"messages", "model"}),
         params.n,
     )
-    if beam_params is not None:
-        gen = await beam.start_beam_search(state, request, prompt_ids, params, beam_params, request_id)
-    else:
-        gen = await start_generation(state, request, prompt_ids, params, request_id)
+    gen = await beam.start(state, request, req, prompt_ids, params, names, request_id)
     record.prompt_tokens = len(prompt_ids)
     meta = {"id": request_id, "created": int(time.time()), "model": state.model_name}
     headers = {"X-Request-Id": request_id}
     tokens = TokenStrings(tokenizer, bool(req.return_tokens_as_token_ids))
     k = req.top_logprobs or 0
     tracker = new_tracker(state, params.n)
-    if req.stream:
-        chunks = _stream(gen, meta, tokens, k, req.include_usage, tracker, record)
-
-        async def cleanup() -> None:
-            await gen.close()
-            record.close(tracker)
-
-        return SSEResponse(guarded_stream(gen, chunks), cleanup, headers)
-    try:
-        outputs, record.last = await collect_choices(gen, tracker)
-        record.sent_all(outputs)
-    finally:
-        record.close(tracker)
-    return JSONResponse(_response(gen, outputs, record.last, meta, tokens, k), headers=headers)
+    chunks = _stream(gen, meta, tokens, k, req.include_usage, tracker, record) if req.stream else None
+    return await respond(
+        gen,
+        tracker,
+        record,
+        headers,
+        chunks,
+        lambda outputs, final: _response(gen, outputs, final, meta, tokens, k),
+    )
 
 
 def _response(

@@ -8,7 +8,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi.responses import JSONResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -20,17 +19,14 @@ from tokenmill.server.serving import (
     Generation,
     RequestRecord,
     ServerState,
-    SSEResponse,
     TokenStrings,
     check_model,
-    collect_choices,
     finite,
-    guarded_stream,
     new_tracker,
     resolve,
+    respond,
     run_blocking,
     sse,
-    start_generation,
     usage,
 )
 
@@ -81,10 +77,6 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     else:
         prompt_ids = prompt
     params = resolve(state, params, len(prompt_ids), {})
-    beam_params = None
-    if req.use_beam_search:
-        beam_params = beam.beam_params(req, params)
-        beam.check_cache(engine, len(prompt_ids), beam_params, {})
     request_id = f"cmpl-{uuid.uuid4().hex}"
     record = RequestRecord(
         state,
@@ -94,10 +86,7 @@ async def create_completion(state: ServerState, request: Request) -> Response:
         req.model_dump(exclude_unset=True, exclude={"prompt", "model"}),
         params.n,
     )
-    if beam_params is not None:
-        gen = await beam.start_beam_search(state, request, prompt_ids, params, beam_params, request_id)
-    else:
-        gen = await start_generation(state, request, prompt_ids, params, request_id)
+    gen = await beam.start(state, request, req, prompt_ids, params, {}, request_id)
     record.prompt_tokens = len(prompt_ids)
     meta = {
         "id": request_id,
@@ -107,23 +96,17 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     }
     headers = {"X-Request-Id": request_id}
     tracker = new_tracker(state, params.n)
-    as_ids = bool(req.return_tokens_as_token_ids)  # logprobs name tokens "token_id:N"
-    if req.stream:
-        tokens = TokenStrings(engine.tokenizer, as_ids)
-        chunks = _stream(gen, meta, tokens, req.include_usage, tracker, record)
-
-        async def cleanup() -> None:
-            await gen.close()
-            record.close(tracker)
-
-        return SSEResponse(guarded_stream(gen, chunks), cleanup, headers)
-    try:
-        outputs, record.last = await collect_choices(gen, tracker)
-        record.sent_all(outputs)
-    finally:
-        record.close(tracker)
-    body = _response(gen, outputs, record.last, meta, TokenStrings(engine.tokenizer, as_ids))
-    return JSONResponse(body, headers=headers)
+    # logprobs name tokens "token_id:N" when asked
+    tokens = TokenStrings(engine.tokenizer, bool(req.return_tokens_as_token_ids))
+    chunks = _stream(gen, meta, tokens, req.include_usage, tracker, record) if req.stream else None
+    return await respond(
+        gen,
+        tracker,
+        record,
+        headers,
+        chunks,
+        lambda outputs, final: _response(gen, outputs, final, meta, tokens),
+    )
 
 
 def _response(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from tokenmill.generation.async_engine import EngineDeadError, EngineOverloadedError
@@ -482,3 +482,29 @@ class TokenStrings:
         if s is None:
             s = self.cache[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
         return s
+
+
+async def respond(
+    gen: Generation,
+    tracker: DeltaTracker,
+    record: RequestRecord,
+    headers: dict[str, str],
+    chunks: AsyncIterator[str] | None,
+    body: Callable[[list[Any], Any], dict[str, Any]],
+) -> Response:
+    """The HTTP answer of a completion route: the SSE ``chunks`` when streaming, else the
+    JSON ``body(outputs, final)`` once every choice is done. The request's log record is
+    closed either way."""
+    if chunks is not None:
+
+        async def cleanup() -> None:
+            await gen.close()
+            record.close(tracker)
+
+        return SSEResponse(guarded_stream(gen, chunks), cleanup, headers)
+    try:
+        outputs, record.last = await collect_choices(gen, tracker)
+        record.sent_all(outputs)
+    finally:
+        record.close(tracker)
+    return JSONResponse(body(outputs, record.last), headers=headers)
