@@ -118,11 +118,11 @@ function heatmapPanel(res, fetchLayer) {
     const layer = cache.get(want);
     const head = headSel.input.value;
     matrix = head === "avg" ? averageHeads(layer) : layer[Number(head)];
-    geometry = drawHeatmap(canvas, matrix, tokens);
     drawRow();
   };
   const drawRow = () => {
     const q = Number(querySel.input.value);
+    geometry = drawHeatmap(canvas, matrix, tokens, q); // the query's row outlined
     row.replaceChildren(
       ...matrix[q].slice(0, q + 1).map((w, k) =>
         el("div", { class: "attn-row-item" }, el("code", {}, tokens[k]), scoreBar(w, pct(w, 1))),
@@ -154,8 +154,11 @@ function heatmapPanel(res, fetchLayer) {
   return panel;
 }
 
-/** Draw `matrix` (N×N, causal) with the tokens along both axes. Returns the layout used. */
-function drawHeatmap(canvas, matrix, tokens) {
+/**
+ * Draw `matrix` (N×N, causal) with the tokens along both axes and query row `selected`
+ * outlined. Returns the layout used.
+ */
+function drawHeatmap(canvas, matrix, tokens, selected = null) {
   const N = tokens.length;
   const dpr = window.devicePixelRatio || 1;
   const avail = Math.max(200, Math.min(canvas.parentElement.clientWidth || 600, 900));
@@ -200,6 +203,11 @@ function drawHeatmap(canvas, matrix, tokens) {
       ctx.fillText(label, 0, 0);
       ctx.restore();
     }
+  }
+  if (selected !== null && selected >= 0 && selected < N) {
+    ctx.strokeStyle = "#f0b400";
+    ctx.lineWidth = 2;
+    ctx.strokeRect(left + 1, top + selected * cell + 1, cell * (selected + 1) - 2, cell - 2);
   }
   return { cell, left, top, dpr };
 }

@@ -31,7 +31,7 @@ function niceMax(v) {
  */
 export function lineChart(canvas, series, { now, windowMs, yMax = null, yFormat = (v) => String(v), height = 160 }) {
   const { ctx, width } = setup(canvas, height);
-  const pad = { left: 52, right: 10, top: 18, bottom: 22 };
+  const pad = { left: 62, right: 10, top: 18, bottom: 22 };
   const w = width - pad.left - pad.right;
   const h = height - pad.top - pad.bottom;
   const t0 = now - windowMs;

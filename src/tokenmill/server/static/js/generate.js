@@ -153,6 +153,17 @@ export function generationView(config, mode) {
 
   // -- a run -------------------------------------------------------------------------
   function setStats(run) {
+    if (run.beam) {
+      // one whole answer: no first token to time; throughput over the request
+      const n = run.usage?.completion_tokens;
+      const span = (run.tLast ?? performance.now()) - run.t0;
+      stats.ttft.value.textContent = "–";
+      stats.tpot.value.textContent = "–";
+      stats.tps.value.textContent = n && run.tLast ? fmtNum((n * 1000) / span, 1) : "–";
+      stats.count.value.textContent = run.usage ? `${n} (+${run.usage.prompt_tokens} prompt)` : "–";
+      stats.finish.value.textContent = run.finish || (run.done ? "–" : "beam search…");
+      return;
+    }
     const n = run.tokens.length || run.chunks;
     stats.ttft.value.textContent = run.tFirst !== null ? fmtMs((run.tFirst - run.t0) / 1000) : "–";
     const tpot = n > 1 && run.tLast > run.tFirst ? (run.tLast - run.tFirst) / 1000 / (n - 1) : null;
@@ -165,6 +176,45 @@ export function generationView(config, mode) {
     stats.finish.value.textContent = run.finish || (run.done ? "–" : "streaming…");
   }
 
+  /** A beam search's answer: its hypotheses, best first; the best is the run's text. */
+  async function readBeams(run, res) {
+    const answer = await res.json();
+    run.tFirst = run.tLast = performance.now();
+    run.id = run.id || answer.id;
+    run.usage = answer.usage || null;
+    const choices = (answer.choices || []).slice().sort((a, b) => a.index - b.index);
+    run.hypotheses = choices.map((c) => ({
+      text: chat ? c.message?.content ?? "" : c.text ?? "",
+      finish: c.finish_reason,
+      score: c.score ?? null,
+      logprob: c.cumulative_logprob ?? null,
+    }));
+    run.text = run.hypotheses[0]?.text ?? "";
+    run.finish = run.hypotheses[0]?.finish ?? null;
+  }
+
+  function hypothesesList(run) {
+    return el(
+      "ol",
+      { class: "hypotheses", "aria-label": "Beam search hypotheses, best first" },
+      run.hypotheses.map((h, i) =>
+        el(
+          "li",
+          { class: "hypothesis", "data-index": String(i) },
+          el("span", { class: "hyp-rank" }, i === 0 ? "best" : `#${i + 1}`),
+          el("span", { class: "hyp-text" }, h.text),
+          el(
+            "span",
+            { class: "hyp-meta muted" },
+            [h.score !== null ? `score ${fmtNum(h.score, 3)}` : "", h.logprob !== null ? `log p ${fmtNum(h.logprob, 3)}` : "", h.finish || ""]
+              .filter(Boolean)
+              .join(" · "),
+          ),
+        ),
+      ),
+    );
+  }
+
   let pendingPaint = false;
   function paint(run) {
     // one repaint per frame however fast tokens arrive
@@ -173,8 +223,13 @@ export function generationView(config, mode) {
     requestAnimationFrame(() => {
       pendingPaint = false;
       setStats(run);
-      if (run.answerNode) run.answerNode.textContent = run.text;
-      else outputText.replaceChildren(el("span", { class: "prompt-echo" }, run.prompt), el("span", { class: "completion" }, run.text));
+      if (run.answerNode) {
+        run.answerNode.textContent = run.text;
+        if (run.hypotheses && run.hypotheses.length > 1) run.hypSlot.replaceChildren(hypothesesList(run));
+      } else {
+        outputText.replaceChildren(el("span", { class: "prompt-echo" }, run.prompt), el("span", { class: "completion" }, run.text));
+        if (run.hypotheses) outputText.append(hypothesesList(run));
+      }
       if (!tokenPanel.closest("[hidden]")) renderTokens(tokenPanel, run.tokens);
     });
   }
@@ -183,7 +238,11 @@ export function generationView(config, mode) {
     e.preventDefault();
     if (current && !current.done) return;
     const params = controls.values();
-    const body = { ...params, stream: true, stream_options: { include_usage: true }, return_tokens_as_token_ids: true };
+    const beam = Boolean(params.use_beam_search);
+    // beam search answers whole: every hypothesis at once, best first
+    const body = beam
+      ? { ...params }
+      : { ...params, stream: true, stream_options: { include_usage: true }, return_tokens_as_token_ids: true };
     if (config.llm) body.model = config.llm.model;
     const run = {
       t0: performance.now(),
@@ -196,6 +255,8 @@ export function generationView(config, mode) {
       usage: null,
       id: null,
       done: false,
+      beam,
+      hypotheses: null,
       params,
       inspected: null,
       controller: new AbortController(),
@@ -207,16 +268,19 @@ export function generationView(config, mode) {
       messages.push(...history, { role: "user", content });
       run.messages = messages;
       body.messages = messages;
-      body.logprobs = true;
-      body.top_logprobs = STREAM_TOP;
+      if (!beam) {
+        body.logprobs = true;
+        body.top_logprobs = STREAM_TOP;
+      }
       run.answerNode = el("div", { class: "msg-text" });
+      run.hypSlot = el("div", { class: "hyp-slot" });
       run.userNode = el("div", { class: "msg user" }, el("div", { class: "msg-role" }, "user"), el("div", { class: "msg-text" }, content));
-      run.bubble = el("div", { class: "msg assistant" }, el("div", { class: "msg-role" }, "assistant"), run.answerNode);
+      run.bubble = el("div", { class: "msg assistant" }, el("div", { class: "msg-role" }, "assistant"), run.answerNode, run.hypSlot);
       transcript.append(run.userNode, run.bubble);
     } else {
       run.prompt = promptField.input.value;
       body.prompt = run.prompt;
-      body.logprobs = STREAM_TOP;
+      if (!beam) body.logprobs = STREAM_TOP;
     }
     current = run;
     errorSlot.replaceChildren();
@@ -231,7 +295,8 @@ export function generationView(config, mode) {
         signal: run.controller.signal,
       });
       run.id = res.headers.get("X-Request-Id");
-      for await (const event of sseEvents(res)) {
+      if (beam) await readBeams(run, res);
+      else for await (const event of sseEvents(res)) {
         run.id = run.id || event.id;
         if (event.usage) run.usage = event.usage;
         const choice = event.choices?.[0];
@@ -292,6 +357,13 @@ export function generationView(config, mode) {
     }
     if (!run.done) {
       renderTokens(tokenPanel, run.tokens);
+      return;
+    }
+    if (run.beam) {
+      tokenPanel.dataset.source = "beam";
+      tokenPanel.replaceChildren(
+        el("p", { class: "muted" }, "Beam search returns whole hypotheses, not one sampled token after another: set the beam width to 1 to see each token's alternatives."),
+      );
       return;
     }
     if (run.inspected) {

@@ -121,15 +121,18 @@ function renderText(result) {
   );
 }
 
-function renderTranscript(result) {
+function renderTranscript(result, values) {
   const segments = result.segments || [];
   const chunks = result.chunks || [];
   const rows = segments.length
     ? segments.map((s) => [s.start, s.end, s.text])
     : chunks.map((c) => [c.timestamp?.[0], c.timestamp?.[1], c.text]);
+  // the uploaded file plays beside its transcript, to check what was heard
+  const player = values?.file ? el("audio", { controls: true, src: URL.createObjectURL(values.file), class: "audio-preview" }) : "";
   return el(
     "div",
     {},
+    player,
     el("p", { class: "transcript" }, result.text ?? ""),
     rows.length
       ? el(
@@ -139,7 +142,7 @@ function renderTranscript(result) {
           el("tbody", {}, rows.map(([a, b, t]) => el("tr", {}, el("td", {}, fmtTime(a)), el("td", {}, fmtTime(b)), el("td", {}, t)))),
         )
       : "",
-    result.language ? el("p", { class: "muted" }, `language: ${result.language}${result.duration ? `, ${result.duration.toFixed(2)} s of audio` : ""}`) : "",
+    result.language ? el("p", { class: "muted audio-meta" }, `language: ${result.language}${result.duration ? `, ${result.duration.toFixed(2)} s of audio` : ""}`) : "",
   );
 }
 
@@ -237,6 +240,7 @@ function taskSpec(task, routes) {
           ? async (v) => {
               const form = new FormData();
               form.append("file", v.file, v.file.name);
+              form.append("model", v.model);
               form.append("response_format", "verbose_json");
               form.append("timestamp_granularities[]", "segment");
               const res = await request("/v1/audio/transcriptions", { method: "POST", form });
@@ -244,7 +248,7 @@ function taskSpec(task, routes) {
             }
           : null,
         body: async (v) => ({ inputs: await readAsDataURL(v.file), parameters: { return_timestamps: true } }),
-        render: (r) => renderTranscript(r),
+        render: (r, v) => renderTranscript(r, v),
       };
     default:
       return {
@@ -300,7 +304,7 @@ export function pipelineView(config, entry) {
 
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
-    const values = {};
+    const values = { model: entry.models[0] };
     for (const [name, input] of Object.entries(inputs)) {
       values[name] = input.type === "checkbox" ? input.checked : input.type === "file" ? input.files[0] : input.value;
     }
@@ -319,7 +323,7 @@ export function pipelineView(config, entry) {
         ({ result: answer, id } = await spec.send(values));
       } else {
         const body = await spec.body(values);
-        body.model = values.model || entry.models[0];
+        body.model = values.model;
         const res = await request(`/v1/pipelines/${entry.task}`, { method: "POST", json: body });
         id = res.headers.get("X-Request-Id");
         answer = await res.json();
@@ -329,7 +333,7 @@ export function pipelineView(config, entry) {
       if (config.routes.feedback) {
         // a pipeline answer without a server id gets one here, so feedback can name it
         const rid = id || `${entry.task}-${crypto.randomUUID ? crypto.randomUUID() : Date.now()}`;
-        result.append(feedbackBar(rid, () => ({ model: values.model || entry.models[0] })));
+        result.append(feedbackBar(rid, () => ({ model: values.model })));
       }
     } catch (err) {
       timing.textContent = "";
