@@ -135,6 +135,21 @@ def test_errors_name_what_was_wrong(llama_dir, mlm_dir, tmp_path):
         run_audit(llama_dir, ["counterfactual"], classifier=llama_dir, progress=False)
 
 
+def test_an_unwritable_out_dir_fails_before_any_model_loads(tmp_path, monkeypatch):
+    import tokenmill.audit.models as audit_models
+
+    def never(*a, **k):
+        raise AssertionError("a model was loaded before the output directory was checked")
+
+    monkeypatch.setattr(audit_models, "open_model", never)
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    with pytest.raises(AuditError, match=r"cannot write the report into --out '.*taken': "):
+        run_audit("any-model", ["occupations"], str(a_file), progress=False)
+    with pytest.raises(AuditError, match=r"cannot write the report into --out '.*taken/sub': "):
+        run_audit("any-model", ["occupations"], str(a_file / "sub"), progress=False)
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     return subprocess.run(

@@ -56,6 +56,14 @@ def test_unknown_suite_lists_the_known_ones():
     assert "path of a suite file" in str(e.value)
 
 
+def test_a_suite_path_that_is_not_a_file_says_so(tmp_path):
+    missing = str(tmp_path / "mine.jsonl")
+    with pytest.raises(AuditError, match=f"suite file {missing} does not exist; give the path of a suite"):
+        load_suite(missing)
+    with pytest.raises(AuditError, match="is a directory, not a suite file"):
+        load_suite(str(tmp_path) + "/")
+
+
 @pytest.mark.parametrize(
     "lines,message",
     [
@@ -107,6 +115,20 @@ OCC = {"type": "occupation", "word": "nurse", "article": "a", "stereotype": "fem
         ({**OCC, "stereotype": "other"}, "line 2: field 'stereotype' must be null or one of the groups"),
         ({**OCC, "type": "job"}, "line 2: field 'type' must be one of template, subjects, occupation"),
         ({k: v for k, v in OCC.items() if k != "article"}, "line 2: field 'article' is missing"),
+        # a doubled brace is literal text: the subject would never be put in
+        (
+            {**TEMPLATE, "text": "{{subject}} works as {article} {occupation}."},
+            "line 2: field 'text' must use the slot {subject} exactly once (a doubled brace",
+        ),
+        (
+            {**TEMPLATE, "text": "{subject} is {occupation} and {occupation}."},
+            "line 2: field 'text' must use the slot {occupation} exactly once (it is used 2 times)",
+        ),
+        (
+            {**TEMPLATE, "text": "{subject} {subject.x} is {occupation}"},
+            "line 2: field 'text' may use only the slots",
+        ),
+        ({**OCC, "type": ["occupation"]}, "line 2: field 'type' must be one of template, subjects"),
     ],
 )
 def test_malformed_occupation_records(record, message):
@@ -120,6 +142,12 @@ def test_occupation_suite_needs_every_record_type_and_a_group_list():
         parse_suite(_jsonl(OCC_HEADER, TEMPLATE, OCC), "o.jsonl")
     with pytest.raises(AuditError, match="line 1: field 'groups' must be a list of at least 2"):
         parse_suite(_jsonl({**OCC_HEADER, "groups": ["male"]}, TEMPLATE, SUBJECTS, OCC), "o.jsonl")
+    # the probe compares two groups; a third would fail only after every model had run
+    three = {**SUBJECTS, "terms": {"male": "he", "female": "she", "other": "they"}}
+    with pytest.raises(AuditError, match="line 1: field 'groups' must list exactly two groups"):
+        parse_suite(
+            _jsonl({**OCC_HEADER, "groups": ["male", "female", "other"]}, TEMPLATE, three, OCC), "o.jsonl"
+        )
 
 
 def test_counterfactual_records_and_generation_settings():

@@ -103,6 +103,55 @@ def test_nul_characters(db_url):
     assert store.failed_writes == 0
 
 
+def test_a_nul_in_the_request_id_or_model_is_a_bad_field_not_a_lost_database(db_url):
+    """PostgreSQL refuses NUL in text; a client sending one gets a 400 naming the field, not a
+    503 saying the database is unavailable (and no failed write is counted)."""
+    store = open_store(db_url)
+    try:
+        for args, param in (
+            (("chatcmpl-1\x00", 4), "request_id"),
+            (("chatcmpl-1", 4, None, None, "m\x00"), "model"),
+        ):
+            with pytest.raises(InvalidFeedback) as e:
+                store.add_feedback(*args)
+            assert e.value.param == param
+            assert f"'{param}' must not contain the NUL character" in str(e.value)
+        assert store.count("feedback") == 0 and store.failed_writes == 0
+    finally:
+        store.close()
+
+
+def test_a_long_model_name_does_not_lose_the_request_log(db_url):
+    """A served model named by a long directory path: PostgreSQL's model column holds 200
+    characters, and a longer value would fail every batch of the log."""
+    long = "/srv/models/" + "m" * 300
+    store = open_store(db_url, request_log=True)
+    try:
+        store.log_request(_record(1, model=long))
+        store.log_request(_record(2))
+        assert store.flush(30)
+        rows = list(store.rows("requests"))
+    finally:
+        store.close()
+    assert store.failed_writes == 0
+    assert [r["id"] for r in rows] == ["chatcmpl-1", "chatcmpl-2"]
+    assert rows[0]["model"] == long[:200]
+
+
+def test_a_row_a_column_cannot_hold_drops_only_that_row(db_url):
+    store = open_store(db_url, request_log=True)
+    try:
+        store.log_request(_record(1, id="x" * 300))  # over the id column's 200 characters
+        store.log_request(_record(2))
+        assert store.flush(30)
+        ids = [r["id"] for r in store.rows("requests")]
+    finally:
+        store.close()
+    assert "chatcmpl-2" in ids
+    # SQLite does not enforce the length; PostgreSQL refuses that row, and only it
+    assert store.failed_writes == (1 if store.dialect == "postgresql" else 0)
+
+
 def test_feedback_takes_the_model_of_the_logged_request(db_url):
     store = open_store(db_url, request_log=True)
     try:

@@ -93,6 +93,10 @@ def test_missing_file(tmp_path):
         ),
         ({"filters": [{"name": "a b", "kind": "pii", "action": "mask"}]}, "filters[0]: name: 'a b'"),
         (
+            {"filters": [{"name": "w", "kind": "blocklist", "words": ["darn", " "], "action": "mask"}]},
+            "filters[0] ('w'): words[1] is only whitespace, which would block every space",
+        ),
+        (
             {"filters": [{"name": "x", "kind": "words", "action": "mask"}]},
             "filters[0] ('x'): kind: unknown kind 'words'; use one of blocklist, regex, pii, classifier",
         ),

@@ -87,6 +87,16 @@ def test_pattern_shapes():
         ("host 192.168.0.12, not 1.2.3.456 or 1.2.3.4.5", "host [ipv4], not 1.2.3.456 or 1.2.3.4.5"),
         ("IBAN DE89 3704 0044 0532 0130 00 paid", "IBAN [iban] paid"),
         ("IBAN DE88 3704 0044 0532 0130 00", "IBAN DE88 3704 0044 0532 0130 00"),  # bad check digits
+        # a card followed by its expiry or security code: the longer digit run fails the
+        # Luhn check, the card itself does not
+        ("card 4111 1111 1111 1111 12/25 thanks", "card [credit_card] 12/25 thanks"),
+        ("card 4111111111111111 123 ok", "card [credit_card] 123 ok"),
+        ("card 4111-1111-1111-1111 12 25", "card [credit_card] 12 25"),
+        ("IBAN BE68 5390 0754 7034 2024 payment", "IBAN [iban] 2024 payment"),  # then a year
+        # a date and a time, or a date and a count, are not phone numbers
+        ("meet on 2024-01-15 12:30 in room 4", "meet on 2024-01-15 12:30 in room 4"),
+        ("on 2024-01-15 12 people came", "on 2024-01-15 12 people came"),
+        ("call 415-555-0100: ask for Ann", "call [phone]: ask for Ann"),
     ],
 )
 def test_pii_detectors(text, expected):
@@ -96,6 +106,13 @@ def test_pii_detectors(text, expected):
 def test_pii_choice_of_detectors_and_mask_template():
     fs = _one("pii", detectors=["email"], mask="<{detector} removed>")
     assert fs.apply("x@example.org 10.0.0.1").text == "<email removed> 10.0.0.1"
+
+
+def test_only_checksummed_detectors_look_for_a_shorter_match():
+    # a card in a longer digit run is found by its Luhn check; the phone detector, whose only
+    # check is a digit count, does not mask the first digits of a number too long for a phone
+    assert _one("pii", detectors=["credit_card"]).apply("4111 1111 1111 1111 12").text == "[credit_card] 12"
+    assert _one("pii", detectors=["phone"]).apply("4111 1111 1111 1111").text == "4111 1111 1111 1111"
 
 
 def test_checksums():

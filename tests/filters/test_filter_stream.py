@@ -156,3 +156,12 @@ def test_a_refusing_classifier_holds_the_whole_output():
     c = fs.stream()
     assert c.feed("ugh") == "ugh" and c.finish() == ""
     assert c.decisions() == [{"filter": "c", "action": "flag", "count": 1}]
+
+
+def test_a_card_followed_by_its_expiry_is_masked_in_a_stream():
+    fs = parse_filters({"filters": [{"name": "pii", "kind": "pii", "action": "mask"}]})
+    text = "card 4111 1111 1111 1111 12/25 thanks"
+    for pieces in (list(text), [text[:12], text[12:27], text[27:]]):
+        chunks, whole, _ = _run(fs, pieces)
+        assert whole == fs.apply(text).text == "card [credit_card] 12/25 thanks"
+        assert not any("4111" in c or "1111" in c for c in chunks)

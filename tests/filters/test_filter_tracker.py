@@ -115,3 +115,32 @@ def test_a_failing_store_never_fails_the_request(caplog):
     fs = parse_filters({"filters": [{"name": "w", "kind": "blocklist", "words": ["x"], "action": "flag"}]})
     record.close(FilteredDeltas(fs, 1))  # does not raise
     assert "could not record request cmpl-2" in caplog.text
+
+
+def test_a_token_that_shows_no_text_yet_waits_for_the_text_it_leads_to():
+    # token 101 adds no text of its own: the first bytes of a multi-byte character, or text
+    # a stop string holds back. Its text turns up with token 102 and is blocked, so neither
+    # token may go out (a token string or its bytes would show the start of the word).
+    fs = parse_filters({"filters": [{"name": "w", "kind": "blocklist", "words": ["darn"], "action": "mask"}]})
+    deltas = _run(FilteredDeltas(fs, 1), _snapshots(["oh ", "", "darn", " it", "!"]))
+    assert "".join(d.text for d in deltas) == "oh **** it!"
+    assert [t for d in deltas for t in d.token_ids] == [100, 103, 104]
+    assert [lp.token_id for d in deltas for lp in d.logprobs] == [100, 103, 104]
+
+
+def test_a_token_without_text_before_a_refused_span_is_not_sent():
+    fs = parse_filters(
+        {"filters": [{"name": "w", "kind": "blocklist", "words": ["日本"], "action": "refuse"}]}
+    )
+    deltas = _run(FilteredDeltas(fs, 1), _snapshots(["oh ", "", "日本", " it"]))
+    assert "".join(d.text for d in deltas) == "oh "
+    assert [t for d in deltas for t in d.token_ids] == [100]
+    assert deltas[-1].finish_reason == "content_filter"
+
+
+def test_tokens_without_text_at_the_end_go_out_when_the_output_ends():
+    fs = parse_filters({"filters": [{"name": "w", "kind": "blocklist", "words": ["darn"], "action": "mask"}]})
+    deltas = _run(FilteredDeltas(fs, 1), _snapshots(["oh ", "ok", "", ""]))
+    assert "".join(d.text for d in deltas) == "oh ok"
+    assert [t for d in deltas for t in d.token_ids] == [100, 101, 102, 103]
+    assert deltas[-1].finish_reason == "length"

@@ -25,6 +25,26 @@ def _check_int(name: str, value: Any, lo: int, allow_none: bool = False) -> None
         )
 
 
+def _check_out_dir(out_dir: str) -> None:
+    """The report can be written: found now, not after every model has run."""
+    import os
+    import tempfile
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise AuditError("the report's charts need matplotlib: pip install 'tokenmill[audit]'") from None
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise AuditError(
+            f"cannot write the report into --out {out_dir!r}: {e.strerror or e}; give a directory "
+            "that can be created and written"
+        ) from None
+
+
 def _units(suite: Suite, limit: int | None) -> int:
     """How many steps the progress bar counts for a suite: items scored or prompts sampled."""
     if suite.probe == "occupations":
@@ -88,6 +108,8 @@ def run_audit(
     _check_int("limit", limit, 1, allow_none=True)
     _check_int("batch_size", batch_size, 1)
     loaded_suites = [load_suite(s) for s in wanted]
+    if out_dir is not None:
+        _check_out_dir(out_dir)
     generate = any(s.probe == "counterfactual" for s in loaded_suites)
     t_start = time.perf_counter()
     opened = [

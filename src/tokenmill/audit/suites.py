@@ -139,7 +139,12 @@ def _check_header(path: str, number: int, obj: Any) -> dict[str, Any]:
     for name in ("name", "version", "description"):
         line.text(name)
     if probe == "occupations":
-        line.texts("groups", 2)
+        groups = line.texts("groups", 2)
+        if len(groups) != 2:
+            line.fail(
+                f"field 'groups' must list exactly two groups (the log-ratio is the first group "
+                f"against the second), got {json.dumps(groups)}"
+            )
     if probe == "counterfactual":
         gen = line.obj["generation"]
         g = _Line(path, number, gen, "header's 'generation' object")
@@ -159,23 +164,34 @@ def _check_occupations(path: str, header: dict, lines: list[tuple[int, Any]]) ->
     for number, obj in lines:
         rec = _Line(path, number, obj, "occupations record")
         kind = rec.obj.get("type")
-        if kind not in by_type:
+        if not isinstance(kind, str) or kind not in by_type:
             rec.fail(f"field 'type' must be one of {', '.join(by_type)}, got {json.dumps(kind)}")
         if kind == "template":
             rec.what = "template record"
             rec.only(("type", "id", "text"))
             rec.text("id")
             text = rec.text("text", contains=("{subject}", "{occupation}"))
-            if text.index("{subject}") > text.index("{occupation}"):
+            try:
+                filled = text.format(subject="\x02", article="a", occupation="\x03")
+            except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
+                rec.fail(
+                    f"field 'text' may use only the slots {{subject}}, {{article}}, {{occupation}} ({e!r})"
+                )
+            for slot, marker in (("{subject}", "\x02"), ("{occupation}", "\x03")):
+                times = filled.count(marker)
+                if times != 1:
+                    why = (
+                        f"a doubled brace {{{slot}}} is literal text, not a slot"
+                        if times == 0
+                        else f"it is used {times} times"
+                    )
+                    rec.fail(
+                        f"field 'text' must use the slot {slot} exactly once ({why}), got {json.dumps(text)}"
+                    )
+            if filled.index("\x02") > filled.index("\x03"):
                 rec.fail(
                     "field 'text' must put {subject} before {occupation}: a causal model reads the "
                     "occupation after the subject"
-                )
-            try:
-                text.format(subject="s", article="a", occupation="o")
-            except (KeyError, IndexError, ValueError) as e:
-                rec.fail(
-                    f"field 'text' may use only the slots {{subject}}, {{article}}, {{occupation}} ({e!r})"
                 )
         elif kind == "subjects":
             rec.what = "subjects record"
@@ -284,6 +300,12 @@ def load_suite(name_or_path: str) -> Suite:
         except (OSError, UnicodeDecodeError) as e:
             raise AuditError(f"suite file {name_or_path} cannot be read as UTF-8 text: {e}") from None
         return parse_suite(text, name_or_path)
+    if os.sep in name_or_path or "/" in name_or_path or name_or_path.endswith((".jsonl", ".json")):
+        what = "is a directory, not a suite file" if os.path.isdir(path) else "does not exist"
+        raise AuditError(
+            f"suite file {name_or_path} {what}; give the path of a suite file (JSONL, see "
+            f"docs/audit.md) or a built-in suite: {', '.join(BUILTIN)}"
+        )
     raise AuditError(
         f"unknown suite {name_or_path!r}: the known suites are {', '.join(BUILTIN)}; "
         "or give the path of a suite file (JSONL, see docs/audit.md)"

@@ -13,6 +13,7 @@ from tokenmill.feedback.errors import InvalidFeedback
 RATING_MIN, RATING_MAX = 1, 5
 MAX_ID_CHARS = 200
 MAX_MODEL_CHARS = 200
+MAX_ROUTE_CHARS = 100
 MAX_LABELS = 20
 MAX_LABEL_CHARS = 64
 MAX_COMMENT_CHARS = 4000
@@ -36,6 +37,10 @@ def check_feedback(
         )
     if len(request_id) > MAX_ID_CHARS:
         raise InvalidFeedback(f"'request_id' is longer than {MAX_ID_CHARS} characters", "request_id")
+    # no response id holds a NUL, and PostgreSQL text cannot store one: a client's mistake,
+    # not a database that is down
+    if "\x00" in request_id:
+        raise InvalidFeedback("'request_id' must not contain the NUL character", "request_id")
     # bool is an int in Python and JSON's true is no rating
     if isinstance(rating, bool) or not isinstance(rating, int) or not RATING_MIN <= rating <= RATING_MAX:
         raise InvalidFeedback(
@@ -66,6 +71,8 @@ def check_feedback(
         )
     if model is not None and (not isinstance(model, str) or len(model) > MAX_MODEL_CHARS):
         raise InvalidFeedback(f"'model' must be a string of at most {MAX_MODEL_CHARS} characters", "model")
+    if model is not None and "\x00" in model:
+        raise InvalidFeedback("'model' must not contain the NUL character", "model")
     return request_id, rating, list(labels), comment, model
 
 
@@ -98,8 +105,10 @@ def log_row(record: dict[str, Any], *, nul_free: bool) -> dict[str, Any]:
     row = {
         "id": str(record["id"]),
         "created": float(record.get("created") or time.time()),
-        "model": None if record.get("model") is None else str(record["model"]),
-        "route": str(record.get("route") or ""),
+        # the columns' lengths (PostgreSQL enforces them): a served model named by a long
+        # path must not fail every record of the log
+        "model": None if record.get("model") is None else str(record["model"])[:MAX_MODEL_CHARS],
+        "route": str(record.get("route") or "")[:MAX_ROUTE_CHARS],
         "prompt": prompt,
     }
     for name, empty in LOG_JSON_COLUMNS.items():

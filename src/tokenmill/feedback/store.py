@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from tokenmill.feedback import records
 from tokenmill.feedback.engine import db_reason, hint, make_engine
@@ -261,14 +261,15 @@ class Store:
                     conn.execute(request_log.insert(), rows)
                 self._succeeded()
                 return
-            except IntegrityError:
+            except (IntegrityError, DataError):  # one bad row must not take the batch with it
                 return self._write_one_by_one(rows)
             except SQLAlchemyError as e:
                 last = e
         self._fail("request_log", len(rows), db_reason(last))
 
     def _write_one_by_one(self, rows: list[dict[str, Any]]) -> None:
-        # a repeated id fails the whole batch; write the others and drop only it
+        # a repeated id (or a value a column cannot hold) fails the whole batch; write the
+        # others and drop only it
         for row in rows:
             try:
                 with self.engine.begin() as conn:

@@ -137,6 +137,12 @@ def _one(item: Any, i: int, source: str, loader: Callable[..., Any]) -> SpanFilt
     get = _Getter(item, where)
     if kind == "blocklist":
         words = get.strings("words")
+        blank = [j for j, w in enumerate(words) if not w.strip()]
+        if blank:
+            raise FilterConfigError(
+                f"{where}: words[{blank[0]}] is only whitespace, which would block every space; "
+                "remove it or give the word"
+            )
         long = [w for w in words if len(w) > MAX_MATCH_CHARS]
         if long:
             raise FilterConfigError(

@@ -160,21 +160,36 @@ class SpanMatcher:
         label: str,
         validate: Callable[[str], bool] | None = None,
         s: Shape | None = None,
+        shorter: Callable[[str], int | None] | None = None,
     ) -> None:
         self.regex = regex
         self.label = label
         self.validate = validate
+        #: given a match that failed ``validate``, the length of its longest prefix that is a
+        #: valid match in its own right (None: there is none)
+        self.shorter = shorter
         self.shape = s or shape(regex.pattern, regex.flags)
 
     def search(self, text: str, pos: int) -> Match | None:
-        """The first (valid) match starting at or after ``pos``; lookbehinds see text before it."""
+        """The first (valid) match starting at or after ``pos``; lookbehinds see text before it.
+
+        With ``shorter``, where the longest match at a place fails the check, its longest
+        valid prefix is taken: a card number followed by its expiry date ("4111 1111 1111
+        1111 12/25") is a longer digit run that fails the Luhn check, while the card itself
+        passes.
+        """
         while pos <= len(text):
             m = self.regex.search(text, pos)
             if m is None:
                 return None
             if self.validate is None or self.validate(m.group(0)):
                 return Match(m.start(), m.end(), self.label)
-            pos = m.start() + 1
+            start = m.start()
+            if self.shorter is not None:
+                n = self.shorter(m.group(0))
+                if n:
+                    return Match(start, start + n, self.label)
+            pos = start + 1
         return None
 
     def hold_start(self, text: str, pos: int) -> int:

@@ -8,6 +8,7 @@ text (in practice the last word or number), plus a check that turns away look-al
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 
@@ -22,9 +23,10 @@ _PATTERNS: dict[str, tuple[str, int]] = {
         r"[A-Za-z]{2,24}(?![A-Za-z0-9-])",
         0,
     ),
-    # an optional +country code and (area code), then 2-4 digit groups with one separator each
+    # an optional +country code and (area code), then 2-4 digit groups with one separator
+    # each; not followed by a letter or digit, nor by ":" and a digit (a time: "12:30")
     "phone": (
-        r"(?<![\w+])(?<!\d[ .-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){1,4}(?!\w)",
+        r"(?<![\w+])(?<!\d[ .-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){1,4}(?!\w)(?!:\d)",
         0,
     ),
     # 13 to 19 digits, optionally grouped by single spaces or dashes
@@ -35,29 +37,80 @@ _PATTERNS: dict[str, tuple[str, int]] = {
 }
 
 
+_NON_DIGITS = re.compile(r"\D+")
+
+
 def _digits(s: str) -> str:
-    return "".join(c for c in s if c.isdigit())
+    return _NON_DIGITS.sub("", s)
 
 
 def luhn_ok(number: str) -> bool:
     """The Luhn checksum of the digits of ``number`` (what card numbers carry)."""
-    total = 0
-    for i, c in enumerate(reversed(_digits(number))):
-        d = int(c)
-        if i % 2 == 1:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
+    return _luhn_digits(_digits(number))
+
+
+# each digit doubled, its digits summed (the Luhn step), as a translation of digit characters
+_DOUBLE = str.maketrans("0123456789", "0246813579")
+
+
+def _luhn_digits(digits: str) -> bool:
+    """The Luhn check of a string of digits: every second digit from the right doubled."""
+    if not digits.isascii():  # \d also matches other scripts' digits
+        digits = "".join(str(int(c)) for c in digits)
+    kept = sum(map(int, digits[-1::-2]))
+    doubled = sum(map(int, digits[-2::-2].translate(_DOUBLE)))
+    return (kept + doubled) % 10 == 0
+
+
+_SEPARATORS = re.compile(r"[ -]")
+
+
+# A stream searches the text it holds back again after each token: the same candidate
+# numbers come back, so the checks remember their latest answers.
+@functools.lru_cache(maxsize=4096)
+def _card_prefix(s: str) -> int | None:
+    """The length of the longest prefix of ``s`` (a card-like run of digit groups that failed
+    the check) that ends at a group, holds 13-19 digits and passes the Luhn check; None if
+    none does."""
+    groups = _SEPARATORS.split(s)
+    compact = "".join(groups)
+    digits = chars = 0
+    ends = []  # (digits, characters) at the end of each group but the last
+    for g in groups[:-1]:
+        digits += len(g)
+        chars += len(g) + 1  # the group and the one separator after it
+        ends.append((digits, chars - 1))
+    for n, end in reversed(ends):
+        if 13 <= n <= 19 and _luhn_digits(compact[:n]):
+            return end
+    return None
+
+
+def _iban_prefix(s: str) -> int | None:
+    """The length of the longest prefix of ``s`` (a spaced IBAN-like run that failed the
+    check) that ends before one of its spaces and passes the IBAN check; None if none does."""
+    for end in range(len(s) - 1, 0, -1):
+        if s[end] == " " and iban_ok(s[:end]):
+            return end
+    return None
+
+
+# an ISO date (2024-01-15) at the start: a date and a number after it, not a phone number
+_ISO_DATE = re.compile(r"(?:19|20)\d\d-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])(?!\d)")
 
 
 def _phone_ok(s: str) -> bool:
+    if _ISO_DATE.match(s):
+        return False
     n = len(_digits(s))
     # 9+ digits, or 7+ after a "+country" prefix: fewer are dates, times and counts more often
     return 9 <= n <= 15 or (s.startswith("+") and 7 <= n <= 15)
 
 
+@functools.lru_cache(maxsize=4096)
 def _card_ok(s: str) -> bool:
-    return 13 <= len(_digits(s)) <= 19 and luhn_ok(s)
+    digits = _digits(s)
+    return 13 <= len(digits) <= 19 and _luhn_digits(digits)
 
 
 def iban_ok(s: str) -> bool:
@@ -78,4 +131,7 @@ DETECTORS = tuple(_PATTERNS)
 def detector(name: str) -> SpanMatcher:
     """The matcher of one built-in detector (``name`` from ``DETECTORS``)."""
     pattern, flags = _PATTERNS[name]
-    return SpanMatcher(re.compile(pattern, flags), name, _CHECKS.get(name))
+    # a checksum tells a card or an IBAN inside a longer run of digits and groups (a card
+    # and its expiry); a phone number's digit count does not
+    shorter = {"credit_card": _card_prefix, "iban": _iban_prefix}.get(name)
+    return SpanMatcher(re.compile(pattern, flags), name, _CHECKS.get(name), shorter=shorter)

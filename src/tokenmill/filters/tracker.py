@@ -4,7 +4,8 @@
 choice's text goes through its own ``ChoiceFilter``; only what that releases is sent.
 Token ids and log-probabilities travel with the text they produced: a token is sent once
 all the text it produced is settled, and tokens whose text was masked or refused are
-never sent (their strings would show the very text the filter removed). The engine
+never sent (their strings would show the very text the filter removed); a token that adds
+no text yet goes (or is left out) with the token whose text follows it. The engine
 reports text per snapshot, so this pairing is per snapshot: when a snapshot carries
 several tokens and some of its text is masked, all of that snapshot's tokens are left out.
 """
@@ -68,16 +69,25 @@ class FilteredDeltas(DeltaTracker):
         ids: list[int] = []
         lps: list[Any] | None = [] if o.logprobs is not None else None
         first = marks[j][0]
-        while j + 1 < len(marks) and marks[j + 1][1] <= released:
-            (k0, c0), (k1, c1) = marks[j], marks[j + 1]
-            cut = any(s < c1 and e > c0 for s, e in cf.cuts)
+        while j + 1 < len(marks):
+            # Tokens that add no text yet (a character's first bytes, text a stop string
+            # holds back) belong to the text that follows them: they go, or are cut, with
+            # the next snapshot that adds text. Only when the output has ended without more
+            # text do they go on their own.
+            j1 = j + 1
+            while j1 + 1 < len(marks) and marks[j1][1] == marks[j][1]:
+                j1 += 1
+            (k0, c0), (k1, c1) = marks[j], marks[j1]
+            if c1 > released or (c1 == c0 and not cf.finished):
+                break
+            cut = any(s < c1 and e > c0 for s, e in cf.cuts) or (c1 == c0 and cf.refused)
             if not cut:
                 if not ids:
                     first = k0
                 ids.extend(o.token_ids[k0:k1])
                 if lps is not None and o.logprobs is not None:
                     lps.extend(o.logprobs[k0:k1])
-            j += 1
+            j = j1
         self.marks_sent[i] = j
         return ids, lps, first
 
