@@ -24,7 +24,8 @@ import torch
 log = logging.getLogger("tokenmill.kernels")
 
 _SOURCES = [
-    Path(__file__).parent / "kernels" / name for name in ("paged_decode.c", "fused_ops.c", "half_linear.c")
+    Path(__file__).parent / "kernels" / name
+    for name in ("paged_decode.c", "fused_ops.c", "half_linear.c", "bf16_gemv.c", "int4_gemv.c")
 ]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
@@ -82,6 +83,10 @@ def _library() -> ctypes.CDLL | None:
     lib.kv_write.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, ptr, i64, i64]
     for name in ("rope_bf16", "silu_mul_bf16", "kv_write"):
         getattr(lib, name).restype = None
+    lib.bf16_gemv.argtypes = [ptr] * 4 + [i64] * 3 + [i32]
+    lib.int4_gemm_bf16.argtypes = [ptr] * 4 + [i64] * 4 + [i32]
+    for name in ("bf16_gemv", "int4_gemm_bf16"):
+        getattr(lib, name).restype = ctypes.c_int
     return lib
 
 
@@ -242,3 +247,152 @@ def kv_write(
         v.shape[1] * v.shape[2] * elt,
     )
     return True
+
+
+# -- few-row linear layers (bf16 activations, CPU) -----------------------------------------
+
+#: Most rows the bf16 GEMV kernel takes (BF16_MAX_M in kernels/bf16_gemv.c).
+BF16_GEMV_MAX_ROWS = 4
+#: Output rows per block of the int4 layout (I4_ROWS in kernels/int4_gemv.c).
+INT4_BLOCK_ROWS = 16
+
+
+def _probe(run) -> bool:
+    """Whether a kernel has a vector path on this machine: a tiny product it must get right."""
+    lib = _library()
+    if lib is None:
+        return False
+    try:
+        return run(lib)
+    except (OSError, ValueError):
+        return False
+
+
+@functools.cache
+def bf16_gemv_available() -> bool:
+    """Whether this machine runs the bf16 GEMV kernel (a C compiler and AVX-512)."""
+
+    def run(lib: ctypes.CDLL) -> bool:
+        x = torch.ones(1, 40, dtype=torch.bfloat16)
+        w = torch.ones(3, 40, dtype=torch.bfloat16)
+        y = torch.empty(1, 3, dtype=torch.bfloat16)
+        ok = lib.bf16_gemv(x.data_ptr(), w.data_ptr(), None, y.data_ptr(), 1, 3, 40, 1) == 0
+        return ok and bool((y == 40).all())
+
+    return _probe(run)
+
+
+def bf16_gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x2, weight, bias)`` for a contiguous bf16 CPU ``x2`` (M, K) of at most
+    ``BF16_GEMV_MAX_ROWS`` rows and a contiguous (N, K) bf16 weight, summed in float32."""
+    lib = _library()
+    M, K = x2.shape
+    N = weight.shape[0]
+    if not (
+        lib is not None
+        and 1 <= M <= BF16_GEMV_MAX_ROWS
+        and x2.dtype == weight.dtype == torch.bfloat16
+        and x2.is_contiguous()
+        and weight.is_contiguous()
+        and weight.shape == (N, K)
+        and (bias is None or (bias.dtype == torch.bfloat16 and bias.shape == (N,) and bias.is_contiguous()))
+    ):
+        raise ValueError(
+            f"bf16_gemv: x {tuple(x2.shape)} {x2.dtype}, weight {tuple(weight.shape)} {weight.dtype} "
+            f"do not fit the kernel (contiguous bfloat16, 1 to {BF16_GEMV_MAX_ROWS} rows)"
+        )
+    y = torch.empty(M, N, dtype=torch.bfloat16)
+    lib.bf16_gemv(
+        x2.data_ptr(),
+        weight.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        y.data_ptr(),
+        M,
+        N,
+        K,
+        torch.get_num_threads(),
+    )
+    return y
+
+
+@functools.cache
+def int4_available() -> bool:
+    """Whether this machine runs the int4 kernel (a C compiler and AVX512-BF16)."""
+
+    def run(lib: ctypes.CDLL) -> bool:
+        codes = torch.full((3, 40), 9, dtype=torch.uint8)
+        packed = int4_pack(codes, 32)
+        sz = torch.tensor([1.0, 0.0], dtype=torch.bfloat16).expand(2, 3, 2).contiguous()
+        x = torch.ones(1, 40, dtype=torch.bfloat16)
+        y = torch.empty(1, 3, dtype=torch.bfloat16)
+        ok = lib.int4_gemm_bf16(x.data_ptr(), packed.data_ptr(), sz.data_ptr(), y.data_ptr(), 1, 3, 40, 32, 1)
+        return ok == 0 and bool((y == 40).all())  # (9 - 8) * 1 + 0 per weight
+
+    return _probe(run)
+
+
+def int4_pack(codes: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N, K) uint8 codes in [0, 15] -> the int4 kernel's layout, 1-D uint8 of
+    ceil(N / 16) * 16 * Kp / 2 bytes with Kp = ceil(K / group_size) * group_size: blocks of
+    16 rows, each stored as [Kp / 4][16][2] bytes, byte 2r + j of column step k holding
+    q[r, k + j] in its low nibble and q[r, k + 2 + j] in its high one (padding codes 0)."""
+    N, K = codes.shape
+    R = INT4_BLOCK_ROWS
+    Np, Kp = -(-N // R) * R, -(-K // group_size) * group_size
+    c = torch.zeros(Np, Kp, dtype=torch.uint8)
+    c[:N, :K] = codes
+    c = c.view(Np // R, R, Kp // 4, 2, 2).permute(0, 2, 1, 3, 4)  # (blocks, Kp / 4, R, lo|hi, j)
+    return (c[..., 0, :] | (c[..., 1, :] << 4)).contiguous().view(-1)
+
+
+def int4_unpack(packed: torch.Tensor, out_features: int, in_features: int, group_size: int) -> torch.Tensor:
+    """The (N, K) uint8 codes of ``int4_pack``'s layout."""
+    R = INT4_BLOCK_ROWS
+    Np, Kp = -(-out_features // R) * R, -(-in_features // group_size) * group_size
+    b = packed.view(Np // R, Kp // 4, R, 2)
+    c = torch.stack([b & 15, b >> 4], dim=3)  # (blocks, Kp / 4, R, lo|hi, j)
+    return c.permute(0, 2, 1, 3, 4).reshape(Np, Kp)[:out_features, :in_features]
+
+
+def int4_mm(
+    x2: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, out_features: int, group_size: int
+) -> torch.Tensor:
+    """x2 (M, K) bf16 times the int4 weight of ``int4_pack``'s layout, w = (q - 8) * s + z
+    with ``scales_and_zeros`` (ceil(K / G), N, 2) bf16. Returns (M, N) bf16."""
+    lib = _library()
+    M, K = x2.shape
+    N, G = out_features, group_size
+    Np, Kp = -(-N // INT4_BLOCK_ROWS) * INT4_BLOCK_ROWS, -(-K // G) * G
+    if not (
+        lib is not None
+        and x2.dtype == scales_and_zeros.dtype == torch.bfloat16
+        and packed.dtype == torch.uint8
+        and packed.numel() == Np * Kp // 2
+        and scales_and_zeros.shape == (Kp // G, N, 2)
+        and x2.is_contiguous()
+        and packed.is_contiguous()
+        and scales_and_zeros.is_contiguous()
+        and G % 4 == 0
+    ):
+        raise ValueError(
+            f"int4_mm: x {tuple(x2.shape)} {x2.dtype}, {packed.numel()} packed bytes and scales "
+            f"{tuple(scales_and_zeros.shape)} {scales_and_zeros.dtype} do not fit an ({N}, {K}) "
+            f"weight in groups of {G} (contiguous bfloat16 activations and scales)"
+        )
+    y = torch.empty(M, N, dtype=torch.bfloat16)
+    if M == 0:
+        return y
+    failed = lib.int4_gemm_bf16(
+        x2.data_ptr(),
+        packed.data_ptr(),
+        scales_and_zeros.data_ptr(),
+        y.data_ptr(),
+        M,
+        N,
+        K,
+        G,
+        torch.get_num_threads(),
+    )
+    if failed:
+        raise MemoryError("int4_mm: the kernel could not allocate its scratch")
+    return y

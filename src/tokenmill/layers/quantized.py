@@ -10,8 +10,11 @@ wrong, only slower:
   1 row in fp16/fp32 (those CPU kernels are scalar); on CUDA, where the build registers
   it, up to 16 rows in bf16/fp16. More rows take oneDNN/cuBLAS on the weight converted
   to the activation dtype.
-- int4: ``aten._weight_int4pack_mm_for_cpu`` (CPU, bf16) and ``aten._weight_int4pack_mm``
-  (CUDA, bf16), at every batch size. fp16/fp32 activations and shapes the kernels reject
+- int4: on CPU with bf16 activations this package's C kernel (``cpu_kernels.int4_mm``,
+  kernels/int4_gemv.c: 1.0-1.8x PyTorch's for a decode row on one core of the project's
+  AVX-512 machine, the LM head most, and no slower for prefill) where
+  the machine has AVX512-BF16 and a C compiler, else ``aten._weight_int4pack_mm_for_cpu``;
+  ``aten._weight_int4pack_mm`` on CUDA (bf16); at every batch size. fp16/fp32 activations and shapes the kernels reject
   (in_features not a multiple of the group size, out_features not a multiple of 16 on
   CPU or 8 on CUDA) keep the codes in a plain layout and dequantize on each call.
 
@@ -35,6 +38,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tokenmill.layers import cpu_kernels
 
 log = logging.getLogger("tokenmill.quantization")
 
@@ -216,8 +221,9 @@ def _unpack_plain(packed: torch.Tensor, in_features: int) -> torch.Tensor:
 class Int4Linear(nn.Module):
     """``nn.Linear`` with a 4-bit weight: one scale and zero point per ``group_size`` inputs.
 
-    Buffers: ``qweight`` in the layout of the kernel that runs it ("cpu": uint8 (N, K / 2)
-    from ``_convert_weight_to_int4pack_for_cpu``; "cuda": int32 tiles from
+    Buffers: ``qweight`` in the layout of the kernel that runs it ("cpu": uint8, N * K / 2
+    bytes in ``cpu_kernels.int4_pack``'s layout where that kernel runs, else (N, K / 2) from
+    ``_convert_weight_to_int4pack_for_cpu``; "cuda": int32 tiles from
     ``_convert_weight_to_int4pack``; "plain": uint8 (N, ceil(K / 2)), even k in the low
     nibble), ``scales_and_zeros`` (ceil(K / G), N, 2) and ``bias`` (N,) or None in the
     activation dtype. ``fallback`` says why a layer runs the plain path, or is None.
@@ -242,7 +248,11 @@ class Int4Linear(nn.Module):
         if layout is None:
             layout, reason = _int4_layout(N, K, group_size, dtype, device)
         self.layout, self.fallback = layout, reason
-        if layout == "cpu":
+        # Whether qweight is in the layout of this package's CPU kernel rather than PyTorch's.
+        self.own_kernel = layout == "cpu" and dtype == torch.bfloat16 and cpu_kernels.int4_available()
+        if self.own_kernel:
+            qweight = cpu_kernels.int4_pack(codes, group_size)
+        elif layout == "cpu":
             qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 codes.to(torch.int32).contiguous(), 1
             )
@@ -260,6 +270,8 @@ class Int4Linear(nn.Module):
 
     @property
     def kernel(self) -> str | None:
+        if self.own_kernel:
+            return "tokenmill.int4_mm"
         return {"cpu": "_weight_int4pack_mm_for_cpu", "cuda": "_weight_int4pack_mm"}.get(self.layout)
 
     @classmethod
@@ -298,6 +310,8 @@ class Int4Linear(nn.Module):
         """The 4-bit codes, (N, K) uint8."""
         if self.layout == "plain":
             return _unpack_plain(self.qweight, self.in_features)
+        if self.own_kernel:
+            return cpu_kernels.int4_unpack(self.qweight, self.out_features, self.in_features, self.group_size)
         # The packed layouts are the kernels' own; read them back through the kernel with
         # scale 1 and zero 8, where (q - 8) * 1 + 8 = q exactly.
         sz = torch.empty_like(self.scales_and_zeros)
@@ -319,6 +333,8 @@ class Int4Linear(nn.Module):
         return w.view(N, -1)[:, :K].to(dtype)
 
     def _kernel_mm(self, x2: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+        if self.own_kernel:
+            return cpu_kernels.int4_mm(x2, self.qweight, sz, self.out_features, self.group_size)
         if self.layout == "cpu":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, sz)
         return torch.ops.aten._weight_int4pack_mm(x2, self.qweight, self.group_size, sz)
@@ -332,7 +348,8 @@ class Int4Linear(nn.Module):
                     f"this Int4Linear was packed for {self.layout} but got input on {x.device.type}; "
                     "quantize the model on the device that runs it"
                 )
-            if self.layout == "cpu" or x.dtype == torch.bfloat16:
+            # The package's kernel takes bf16 activations only; others dequantize below.
+            if (self.layout == "cpu" and not self.own_kernel) or x.dtype == torch.bfloat16:
                 out = self._kernel_mm(x2, self.scales_and_zeros.to(x.dtype))
                 if self.bias is not None:
                     out = out + self.bias

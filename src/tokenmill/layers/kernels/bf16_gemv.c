@@ -1,0 +1,128 @@
+/* bfloat16 linear layers for the few rows of a decode step (CPU).
+ *
+ *   y[m, n] = bf16(b[n] + sum_k x[m, k] * w[n, k])      x (M, K), w (N, K), y (M, N)
+ *
+ * A decode step reads every weight once and waits on memory for it. Each thread takes
+ * a contiguous range of blocks of BF16_ROWS weight rows and reads them row after row, so
+ * it streams one region of the plain row-major weight sequentially: no copy of the
+ * weight in another layout is needed, and a tied embedding can share it. Products are
+ * exact (a bf16 times a bf16 fits a float32) and every sum is float32, so the result is
+ * F.linear's up to summation order. With AVX512-BF16 one VDPBF16PS multiplies and adds
+ * 32 weights; with AVX-512 alone the weights are widened to float32 first.
+ *
+ * Returns 0, or 1 when this build has no vector path (the caller falls back).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Weight rows per block, the unit of work of the OpenMP loop. */
+#define BF16_ROWS 16
+/* Most activation rows one call takes. */
+#define BF16_MAX_M 4
+/* Below this many weights the OpenMP team costs more than the second core saves. */
+#define BF16_PARALLEL_MIN (1 << 15)
+
+static inline uint16_t bf16_round(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if (isnan(f)) return (uint16_t)((u >> 16) | 0x40); /* stay NaN */
+    u += 0x7fff + ((u >> 16) & 1);                     /* to nearest, ties to even */
+    return (uint16_t)(u >> 16);
+}
+
+static inline float bf16_widen(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+
+#if defined(__AVX512BF16__)
+/* acc += x . w over 32 bfloat16 lanes (pairs summed into 16 float32 lanes). */
+#define BF16_MAC(acc, xv, wv) (acc) = _mm512_dpbf16_ps((acc), (__m512bh)(xv), (__m512bh)(wv))
+#else
+/* Widen the two halves of each 32-bit lane to float32: the low bf16 by a 16-bit shift,
+ * the high one by clearing the low half. Same pairing as VDPBF16PS. */
+#define BF16_MAC(acc, xv, wv)                                                                   \
+    do {                                                                                        \
+        const __m512i hi_ = _mm512_set1_epi32((int)0xffff0000);                                 \
+        (acc) = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32((xv), 16)),               \
+                                _mm512_castsi512_ps(_mm512_slli_epi32((wv), 16)), (acc));       \
+        (acc) = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512((xv), hi_)),               \
+                                _mm512_castsi512_ps(_mm512_and_si512((wv), hi_)), (acc));       \
+    } while (0)
+#endif
+
+/* Rows 0 .. MB - 1 of x against the block's weight rows, one weight row after another:
+ * the thread reads a single sequential stream, which the hardware prefetchers follow at
+ * about 1.5x the speed of BF16_ROWS interleaved row streams (measured: 38-42 GB/s on one
+ * core against 24-32). Two accumulators per activation row hide the VDPBF16PS latency;
+ * the activations come from L1. */
+#define BF16_ROW(MB)                                                                               \
+    do {                                                                                           \
+        for (int r = 0; r < rows; r++) {                                                           \
+            const uint16_t *wr = wn + r * K;                                                       \
+            __m512 a0[MB], a1[MB];                                                                 \
+            for (int i = 0; i < MB; i++) a0[i] = a1[i] = _mm512_setzero_ps();                      \
+            int64_t k = 0;                                                                         \
+            for (; k + 64 <= K; k += 64) {                                                         \
+                const __m512i w0 = _mm512_loadu_si512(wr + k), w1 = _mm512_loadu_si512(wr + k + 32); \
+                for (int i = 0; i < MB; i++) {                                                     \
+                    BF16_MAC(a0[i], _mm512_loadu_si512(x + i * K + k), w0);                        \
+                    BF16_MAC(a1[i], _mm512_loadu_si512(x + i * K + k + 32), w1);                   \
+                }                                                                                  \
+            }                                                                                      \
+            if (k + 32 <= K) {                                                                     \
+                const __m512i w0 = _mm512_loadu_si512(wr + k);                                     \
+                for (int i = 0; i < MB; i++) BF16_MAC(a0[i], _mm512_loadu_si512(x + i * K + k), w0); \
+                k += 32;                                                                           \
+            }                                                                                      \
+            if (k < K) { /* the last K % 32 columns, masked: the lanes past K read as zeros */     \
+                const __m512i w1 = _mm512_maskz_loadu_epi16(tail, wr + k);                         \
+                for (int i = 0; i < MB; i++)                                                       \
+                    BF16_MAC(a1[i], _mm512_maskz_loadu_epi16(tail, x + i * K + k), w1);            \
+            }                                                                                      \
+            const float bias = b ? bf16_widen(b[n + r]) : 0.0f;                                    \
+            for (int i = 0; i < MB; i++)                                                           \
+                y[i * N + n + r] = bf16_round(_mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i])) + bias); \
+        }                                                                                          \
+    } while (0)
+
+static void bf16_block(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16_t *y, int64_t M,
+                       int64_t N, int64_t K, int64_t blk) {
+    const int64_t n = blk * BF16_ROWS;
+    const int rows = N - n < BF16_ROWS ? (int)(N - n) : BF16_ROWS; /* the last block may be short */
+    const uint16_t *wn = w + n * K;
+    const __mmask32 tail = (__mmask32)((1ull << (K % 32)) - 1);
+    switch (M) {
+    case 4: BF16_ROW(4); break;
+    case 3: BF16_ROW(3); break;
+    case 2: BF16_ROW(2); break;
+    default: BF16_ROW(1); break;
+    }
+}
+
+/* x (M, K), w (N, K), b (N,) or NULL, y (M, N): all bfloat16, contiguous. */
+int bf16_gemv(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16_t *y, int64_t M, int64_t N,
+              int64_t K, int nthreads) {
+    if (M < 1 || M > BF16_MAX_M) return 1;
+    const int64_t blocks = (N + BF16_ROWS - 1) / BF16_ROWS;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (N * K >= BF16_PARALLEL_MIN)
+    for (int64_t blk = 0; blk < blocks; blk++) bf16_block(x, w, b, y, M, N, K, blk);
+    return 0;
+}
+
+#else
+
+int bf16_gemv(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16_t *y, int64_t M, int64_t N,
+              int64_t K, int nthreads) {
+    (void)x, (void)w, (void)b, (void)y, (void)M, (void)N, (void)K, (void)nthreads;
+    (void)bf16_round, (void)bf16_widen;
+    return 1;
+}
+
+#endif
