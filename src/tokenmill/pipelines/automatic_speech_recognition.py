@@ -87,16 +87,7 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
                     "long-form method (each window starts where the last full segment ended), so it "
                     "takes no chunk or stride length; leave it out"
                 )
-        known = self.call_options | {"batch_size"}  # audio has no tokens to truncate
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(
-                f"{self.task} got unknown option(s) {', '.join(map(repr, unknown))}; "
-                f"it accepts {', '.join(sorted(known))}"
-            )
-        out = dict(options)
-        if "batch_size" in out:
-            self._check_batch_size(out["batch_size"])
+        out = self.known_options(options, self.call_options | {"batch_size"})  # no tokens to truncate
         extra = out.pop("generate_kwargs", None) or {}
         if not isinstance(extra, dict):
             raise ValueError(f"generate_kwargs must be a dict, got {type(extra).__name__}")

@@ -98,7 +98,14 @@ class Pipeline:
 
     def sanitize(self, options: dict[str, Any]) -> dict[str, Any]:
         """Check option names and values; unknown names are an error listing the known ones."""
-        known = self.call_options | {"truncation", "batch_size"}
+        out = self.known_options(options, self.call_options | {"truncation", "batch_size"})
+        if "truncation" in out:
+            _check_bool("truncation", out["truncation"])
+        return self.check_options(out)
+
+    def known_options(self, options: dict[str, Any], known: set[str] | frozenset[str]) -> dict[str, Any]:
+        """A copy of ``options`` once every name is in ``known`` (else an error listing them)
+        and ``batch_size``, where given, is valid."""
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(
@@ -106,11 +113,9 @@ class Pipeline:
                 f"it accepts {', '.join(sorted(known))}"
             )
         out = dict(options)
-        if "truncation" in out:
-            _check_bool("truncation", out["truncation"])
         if "batch_size" in out:
             self._check_batch_size(out["batch_size"])
-        return self.check_options(out)
+        return out
 
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """Validate task options (subclasses); return them, normalised."""

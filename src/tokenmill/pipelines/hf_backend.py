@@ -384,16 +384,10 @@ class HFBackendPipeline(Pipeline):
 
     # -- options ------------------------------------------------------------------------
     def sanitize(self, options: dict[str, Any]) -> dict[str, Any]:
-        known = self.call_options | {"batch_size"}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(
-                f"{self.task} got unknown option(s) {', '.join(map(repr, unknown))}; "
-                f"it accepts {', '.join(sorted(known))}"
-            )
-        for name, value in options.items():
+        out = self.known_options(options, self.call_options | {"batch_size"})
+        for name, value in out.items():
             _CHECKS[name](name, value)
-        return dict(options)
+        return out
 
     # -- inputs -------------------------------------------------------------------------
     def _split_inputs(self, inputs: Any) -> tuple[list[Any], bool]:

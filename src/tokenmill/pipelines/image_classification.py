@@ -82,17 +82,7 @@ class ImageClassificationPipeline(Pipeline):
     # -- options ----------------------------------------------------------------------
     def sanitize(self, options: dict[str, Any]) -> dict[str, Any]:
         # Images have no tokens to truncate: "truncation" is not an option here.
-        known = self.call_options | {"batch_size"}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(
-                f"{self.task} got unknown option(s) {', '.join(map(repr, unknown))}; "
-                f"it accepts {', '.join(sorted(known))}"
-            )
-        out = dict(options)
-        if "batch_size" in out:
-            self._check_batch_size(out["batch_size"])
-        return self.check_options(out)
+        return self.check_options(self.known_options(options, self.call_options | {"batch_size"}))
 
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         if "top_k" in options:
