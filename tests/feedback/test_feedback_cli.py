@@ -196,3 +196,29 @@ def test_export_into_a_closed_pipe_stops_quietly(tmp_path):
     assert proc.wait(60) == 141, err
     assert json.loads(first)["request_id"] == "cmpl-0"
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_csv_cells_are_never_formulas(tmp_path, capsys):
+    db = tmp_path / "f.db"
+    store = open_store(str(db))
+    comments = ['=HYPERLINK("http://x")', "+1", "-2", "@SUM(A1)", "fine", "a = b"]
+    for i, c in enumerate(comments):
+        store.add_feedback(f"cmpl-{i}", 3, comment=c, model="=cmd|' /C calc'!A0")
+    store.close()
+    out = tmp_path / "fb.csv"
+    assert main(["feedback", "export", "--db", str(db), "--format", "csv", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(io.StringIO(out.read_text(encoding="utf-8"), newline="")))
+    assert [r["comment"] for r in rows] == [
+        '\'=HYPERLINK("http://x")',
+        "'+1",
+        "'-2",
+        "'@SUM(A1)",
+        "fine",
+        "a = b",
+    ]
+    assert {r["model"] for r in rows} == {"'=cmd|' /C calc'!A0"}
+    assert all(r["rating"] == "3" for r in rows)  # numbers are numbers, not text
+    # JSON Lines keeps the stored text
+    assert main(["feedback", "export", "--db", str(db)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(x)["comment"] for x in lines] == comments

@@ -67,9 +67,17 @@ def export(
     return n
 
 
+#: a cell starting with one of these is a formula to a spreadsheet
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _cell(value: Any) -> Any:
     if isinstance(value, (list, dict)):
         return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        # Comments and prompts come from users: a spreadsheet opening the export must show
+        # "=HYPERLINK(...)" as text, not run it. The quote is the usual escape.
+        return "'" + value
     return "" if value is None else value
 
 
