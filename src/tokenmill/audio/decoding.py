@@ -262,13 +262,16 @@ def _generate(
     silence by ``options.no_speech_threshold``."""
     B = len(prompts)
     check_speech = options.no_speech_threshold is not None and tokens.no_speech is not None
-    sum_logprob = [0.0] * B  # of each chosen token, EOT included, after the rules (as Whisper scores)
+    # of each chosen token, EOT included, after the rules (as Whisper scores); kept on the
+    # device so the check adds no host sync to a step
+    sum_logprob = torch.zeros(B, device=device)
     neg = float("-inf")
     suppress = torch.tensor(tokens.suppress_tokens, dtype=torch.long, device=device)
     begin = torch.tensor(tokens.begin_suppress_tokens, dtype=torch.long, device=device)
     rules = TimestampRules(tokens, device) if timestamps else None
     out: list[list[int]] = [[] for _ in range(B)]
     alive = list(range(B))
+    alive_rows = torch.arange(B, device=device)
     step_ids = torch.tensor(prompts, dtype=torch.long, device=device)  # (B, P): the prompt in one step
     no_speech_prob = [0.0] * B
     for step in range(max_new):
@@ -288,14 +291,13 @@ def _generate(
         if options.temperature > 0:
             probs = torch.softmax(logits / options.temperature, dim=-1)
             noise = torch.empty_like(probs).exponential_(generator=options.generator)
-            next_ids = (probs / noise).argmax(dim=-1).tolist()  # a sample from probs, without a host sync
+            chosen = (probs / noise).argmax(dim=-1)  # a sample from probs
         else:
-            next_ids = logits.argmax(dim=-1).tolist()
+            chosen = logits.argmax(dim=-1)
         if check_speech:
-            chosen = torch.tensor(next_ids, device=device).unsqueeze(1)
-            lp = logits.log_softmax(dim=-1).gather(1, chosen).squeeze(1).tolist()
-            for a, r in enumerate(alive):
-                sum_logprob[r] += lp[a]
+            lp = logits.log_softmax(dim=-1).gather(1, chosen.unsqueeze(1)).squeeze(1)
+            sum_logprob.index_add_(0, alive_rows, lp)
+        next_ids = chosen.tolist()
         keep = []
         for a, r in enumerate(alive):
             if next_ids[a] == tokens.eot:
@@ -305,13 +307,16 @@ def _generate(
         if not keep:
             break
         if len(keep) != len(alive):
-            cache.select_rows(torch.tensor(keep, dtype=torch.long, device=device))
+            kept = torch.tensor(keep, dtype=torch.long, device=device)
+            cache.select_rows(kept)
             alive = [alive[a] for a in keep]
+            alive_rows = alive_rows[kept]
         step_ids = torch.tensor([[next_ids[a]] for a in keep], dtype=torch.long, device=device)
     silent = [False] * B
     if check_speech:
+        sums = sum_logprob.tolist()
         for r in range(B):
-            avg = sum_logprob[r] / (len(out[r]) + 1)  # +1: the EOT, as Whisper averages
+            avg = sums[r] / (len(out[r]) + 1)  # +1: the EOT, as Whisper averages
             silent[r] = no_speech_prob[r] > options.no_speech_threshold and (
                 options.logprob_threshold is None or avg < options.logprob_threshold
             )

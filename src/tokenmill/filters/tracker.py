@@ -1,4 +1,4 @@
-"""The server's per-choice deltas with the output filters applied.
+"""Per-choice deltas with the output filters applied.
 
 ``FilteredDeltas`` takes the place of ``DeltaTracker`` when the server has filters. Each
 choice's text goes through its own ``ChoiceFilter``; only what that releases is sent.
@@ -16,8 +16,8 @@ import asyncio
 from typing import Any
 
 from tokenmill.filters.stream import ChoiceFilter, FilterSet
+from tokenmill.generation.deltas import Delta, DeltaTracker
 from tokenmill.generation.outputs import CompletionOutput, RequestOutput
-from tokenmill.server.serving import Delta, DeltaTracker
 
 CONTENT_FILTER = "content_filter"
 
