@@ -25,7 +25,14 @@ log = logging.getLogger("tokenmill.kernels")
 
 _SOURCES = [
     Path(__file__).parent / "kernels" / name
-    for name in ("paged_decode.c", "fused_ops.c", "half_linear.c", "bf16_gemv.c", "int4_gemv.c")
+    for name in (
+        "paged_decode.c",
+        "fused_ops.c",
+        "half_linear.c",
+        "bf16_gemv.c",
+        "int4_gemv.c",
+        "decode_stack.c",
+    )
 ]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 

@@ -440,6 +440,8 @@ def quantize_model(
     if mode == "int4":
         check_group_size(group_size)
     report = QuantizationReport(mode, group_size if mode == "int4" else None)
+    # A C decode stack built before holds pointers to the old weights: build it afresh.
+    model.__dict__.pop("_decode_stack", None)
     # Names only: holding the modules themselves would keep every old weight alive.
     names = [name for name, m in model.named_modules() if _linear_weight(m) is not None]
     for name in names:

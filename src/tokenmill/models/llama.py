@@ -6,6 +6,7 @@ of q and k, Mistral may use a sliding window, Llama 3 scales its rope frequencie
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -14,9 +15,13 @@ from torch import nn
 
 from tokenmill.layers import cpu_kernels
 from tokenmill.layers.activations import get_activation
+from tokenmill.layers.decode_stack import DecodeStack
 from tokenmill.layers.norms import RMSNorm
+from tokenmill.layers.paged_attention import PagedAttention
 from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary
 from tokenmill.models.config import DecoderConfig, gguf_get, gguf_special_ids, hf_rope, hf_special_ids
+
+log = logging.getLogger("tokenmill.models")
 
 LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -167,7 +172,22 @@ class CausalLM(nn.Module):
 
 
 class LlamaForCausalLM(CausalLM):
-    pass
+    #: the C decode stack: None until first needed, then the stack or False where it cannot run
+    _decode_stack: Any = None
+
+    def run_layers(self, x: torch.Tensor, positions: torch.Tensor, ctx: Any) -> torch.Tensor:
+        stack = self._decode_stack
+        if stack is None and isinstance(ctx, PagedAttention) and x.device.type == "cpu":
+            stack, why = DecodeStack.build(self)
+            if stack is None:
+                log.info("decode steps run layer by layer: %s", why)
+            self._decode_stack = stack or False
+        if stack and stack.accepts(x, ctx):
+            cos, sin = self.rotary(positions, x.dtype, ctx.max_position)
+            out = stack.run(x, cos, sin, ctx)
+            if out is not None:
+                return out
+        return super().run_layers(x, positions, ctx)
 
 
 def llama_config_from_hf(hf: dict[str, Any]) -> DecoderConfig:

@@ -1,0 +1,285 @@
+"""A Llama-family decoder stack run as one C call for decode steps on CPU.
+
+A decode step of a small model is dominated by dispatch, not by reading weights: with
+SmolLM2-135M and int4 weights, the thirty layers' dozen PyTorch ops and kernel calls
+each cost more per token than the weights take to stream. ``DecodeStack`` hands the
+whole stack to ``kernels/decode_stack.c``, which calls the same kernels in the same
+order with the same roundings as the layer-by-layer path, so the two agree bit for bit
+(the tests check it). It takes steps whose rows are all single decode tokens over the
+paged cache; anything else, and every model it cannot take, runs the layers as usual.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenmill.layers import cpu_kernels
+from tokenmill.layers.norms import RMSNorm
+from tokenmill.layers.quantized import Int4Linear
+
+log = logging.getLogger("tokenmill.kernels")
+
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [
+        ("weight", _ptr),
+        ("scales_zeros", _ptr),
+        ("bias", _ptr),
+        ("N", _i64),
+        ("K", _i64),
+        ("group", _i64),
+    ]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("input_norm", _ptr),
+        ("post_norm", _ptr),
+        ("qkv", _Linear),
+        ("o", _Linear),
+        ("gate_up", _Linear),
+        ("down", _Linear),
+        ("window", _i64),
+    ]
+
+
+_DIM_NAMES = (
+    "layers",
+    "hidden",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "intermediate",
+    "block_size",
+    "lanes",
+    "nthreads",
+)
+
+
+class _Dims(ctypes.Structure):
+    _fields_ = [(n, _i64) for n in _DIM_NAMES] + [("eps", ctypes.c_double), ("scale", ctypes.c_double)]
+
+
+def _lib() -> ctypes.CDLL | None:
+    lib = cpu_kernels._library()
+    if lib is not None and not getattr(lib, "_decode_stack_typed", False):
+        lib.decode_stack_bf16.argtypes = [_ptr, _ptr, _ptr, _i64] + [_ptr] * 4 + [_i64] + [_ptr] * 3
+        lib.decode_stack_bf16.restype = ctypes.c_int
+        lib.decode_stack_rmsnorm.argtypes = [_ptr] * 4 + [_i64, _i64, ctypes.c_double, _i64]
+        lib.decode_stack_rmsnorm.restype = ctypes.c_int
+        lib.decode_stack_sum.argtypes = [_ptr, _ptr, _i64, _i64, _i64]
+        lib.decode_stack_sum.restype = ctypes.c_int
+        lib._decode_stack_typed = True
+    return lib
+
+
+@functools.cache
+def rmsnorm_lanes(hidden: int, eps: float) -> int | None:
+    """The accumulator width with which the C RMSNorm equals PyTorch's bit for bit on
+    this machine (ATen's vectorized sum order depends on the vector width it was built
+    for and picks at run time), or None."""
+    lib = _lib()
+    if lib is None:
+        return None
+    g = torch.Generator().manual_seed(0)
+    rows = 256
+    # Sums of squares of like magnitude: a wrong order changes most of them in the last bit.
+    sq = torch.randn(rows, hidden, generator=g).pow(2)
+    want_sum = sq.sum(-1)
+    # Rows of very different scales, as hidden states have, and a weight not all ones.
+    x = (torch.randn(rows, hidden, generator=g) * torch.logspace(-2, 2, rows).unsqueeze(1)).bfloat16()
+    add = torch.randn(rows, hidden, generator=g).bfloat16()
+    norm = RMSNorm(hidden, eps)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(hidden, generator=g) * 2)
+    norm = norm.bfloat16()
+    with torch.no_grad():
+        want, want_res = norm(x, add)
+    for lanes in (16, 8, 4, 1):
+        got_sum = torch.empty(rows)
+        if lib.decode_stack_sum(sq.data_ptr(), got_sum.data_ptr(), rows, hidden, lanes) or not torch.equal(
+            got_sum, want_sum
+        ):
+            continue
+        res, out = x.clone(), torch.empty_like(x)
+        rc = lib.decode_stack_rmsnorm(
+            res.data_ptr(), add.data_ptr(), norm.weight.data_ptr(), out.data_ptr(), rows, hidden, eps, lanes
+        )
+        if rc == 0 and torch.equal(out, want) and torch.equal(res, want_res):
+            return lanes
+    return None
+
+
+def _linear(module: nn.Module, keep: list[torch.Tensor]) -> _Linear | None:
+    """The C description of a linear layer the stack can run, or None."""
+    bias = getattr(module, "bias", None)
+    if bias is not None and not (bias.dtype == torch.bfloat16 and bias.is_contiguous()):
+        return None
+    if isinstance(module, Int4Linear):
+        if not (module.own_kernel and module.scales_and_zeros.dtype == torch.bfloat16):
+            return None
+        w, sz, group = module.qweight, module.scales_and_zeros, module.group_size
+    elif isinstance(module, nn.Linear):
+        w, sz, group = module.weight, None, 0
+        if not (w.dtype == torch.bfloat16 and w.is_contiguous() and cpu_kernels.bf16_gemv_available()):
+            return None
+    else:
+        return None
+    keep.extend(t for t in (w, sz, bias) if t is not None)
+    return _Linear(
+        w.data_ptr(),
+        None if sz is None else sz.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        module.out_features,
+        module.in_features,
+        group,
+    )
+
+
+def _norm_weight(norm: nn.Module, keep: list[torch.Tensor]) -> int | None:
+    if not (type(norm) is RMSNorm and norm.offset == 0.0):
+        return None
+    w = norm.weight
+    if not (w.dtype == torch.bfloat16 and w.is_contiguous()):
+        return None
+    keep.append(w)
+    return w.data_ptr()
+
+
+class DecodeStack:
+    """The C description of a model's layers, built once; ``run`` takes one decode step."""
+
+    def __init__(self, layers: Any, dims: _Dims, keep: list[torch.Tensor], max_rows: int) -> None:
+        self.layers, self.dims, self.max_rows = layers, dims, max_rows
+        self._keep = keep  # the tensors whose pointers the C structures hold
+        self._caches: tuple[tuple[int, ...], Any, Any] | None = None
+
+    @classmethod
+    def build(cls, model: nn.Module) -> tuple[DecodeStack | None, str]:
+        """The stack of a LlamaForCausalLM, or (None, why it cannot run)."""
+        cfg = model.config
+        lib = _lib()
+        if lib is None:
+            return None, "the CPU kernels are not available"
+        if not cpu_kernels.paged_decode_available(torch.bfloat16):
+            return None, "no CPU attention kernel"
+        if cfg.qk_norm:
+            return None, "per-head q/k norms"
+        keep: list[torch.Tensor] = []
+        layers = (_Layer * cfg.num_layers)()
+        any_bf16 = False
+        for i, layer in enumerate(model.model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            if mlp.act is not F.silu or attn.head_dim != cfg.head_dim:
+                return None, "not a SiLU-gated Llama layer"
+            norms = [_norm_weight(n, keep) for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+            lins = [_linear(m, keep) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+            if None in norms or None in lins:
+                return None, f"layer {i} has a norm or linear layer the C stack does not take"
+            any_bf16 |= any(lin.group == 0 for lin in lins)
+            layers[i] = _Layer(*norms, *lins, attn.window or 0)
+            scale = attn.scale
+        lanes = rmsnorm_lanes(cfg.hidden_size, cfg.norm_eps)
+        if lanes is None:
+            return None, "the C RMSNorm does not match PyTorch's on this machine"
+        dims = _Dims(
+            cfg.num_layers,
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.intermediate_size,
+            0,
+            lanes,
+            1,
+            cfg.norm_eps,
+            scale,
+        )
+        # bf16 weights go through the GEMV kernel, which takes at most this many rows.
+        max_rows = cpu_kernels.BF16_GEMV_MAX_ROWS if any_bf16 else 256
+        return cls(layers, dims, keep, max_rows), ""
+
+    def _cache_pointers(self, cache: Any) -> tuple[Any, Any]:
+        key = tuple(t.data_ptr() for t in cache.k) + tuple(t.data_ptr() for t in cache.v)
+        if self._caches is None or self._caches[0] != key:
+            n = len(cache.k)
+            self._caches = (key, (_ptr * n)(*key[:n]), (_ptr * n)(*key[n:]))
+        return self._caches[1], self._caches[2]
+
+    def accepts(self, x: torch.Tensor, ctx: Any) -> bool:
+        """Whether this step is one the stack runs: every row a decode token on the CPU
+        paged cache in bf16, and few enough rows."""
+        cache = getattr(ctx, "cache", None)
+        n = x.shape[1]
+        return (
+            getattr(ctx, "use_kernels", False)
+            and getattr(ctx, "num_decode", 0) == n
+            and not ctx.chunks
+            and x.shape[0] == 1
+            and 1 <= n <= self.max_rows
+            and x.dtype == torch.bfloat16
+            and x.device.type == "cpu"
+            and cache.k[0].dtype == torch.bfloat16
+            and cache.k[0].shape[-1] == cache.v[0].shape[-1] == self.dims.head_dim
+            and cache.k[0].shape[-2] == self.dims.kv_heads
+        )
+
+    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: Any) -> torch.Tensor | None:
+        """x (1, M, C) embeddings -> the stack's output (1, M, C) before the final norm,
+        writing the new keys and values to the cache; None when the kernel could not run."""
+        lib = _lib()
+        assert lib is not None
+        cache, M = ctx.cache, x.shape[1]
+        slots, tables, lens = ctx.slot_mapping, ctx.decode_tables, ctx.decode_lens
+        nb, bs = cache.k[0].shape[0], cache.k[0].shape[1]
+        # The kernel trusts every index it is given: check them all, as the reference path does.
+        if not (
+            slots.dtype == tables.dtype == lens.dtype == torch.int64
+            and slots.shape == (M,)
+            and lens.shape == (M,)
+            and tables.dim() == 2
+            and tables.shape[0] == M
+            and all(t.is_contiguous() for t in (slots, tables, lens, *cache.k, *cache.v))
+            and cos.shape == sin.shape
+            and cos.numel() == M * self.dims.head_dim
+            and cos.dtype == sin.dtype == torch.bfloat16
+            and cos.is_contiguous()
+            and sin.is_contiguous()
+        ):
+            return None
+        if not (
+            0 <= int(slots.min()) <= int(slots.max()) < nb * bs
+            and 0 <= int(tables.min()) <= int(tables.max()) < nb
+            and 1 <= int(lens.min()) <= int(lens.max()) <= tables.shape[1] * bs
+        ):
+            raise ValueError("decode step: a slot, block id or length is outside the KV cache")
+        out = x.contiguous().clone()
+        k_ptrs, v_ptrs = self._cache_pointers(cache)
+        self.dims.block_size, self.dims.nthreads = bs, torch.get_num_threads()
+        rc = lib.decode_stack_bf16(
+            ctypes.byref(self.layers),
+            ctypes.byref(self.dims),
+            out.data_ptr(),
+            M,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            slots.data_ptr(),
+            tables.data_ptr(),
+            tables.shape[1],
+            lens.data_ptr(),
+            k_ptrs,
+            v_ptrs,
+        )
+        if rc:
+            log.warning("the C decode stack could not run (code %d); using the layer-by-layer path", rc)
+            return None
+        return out

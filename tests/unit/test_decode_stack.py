@@ -1,0 +1,206 @@
+"""The C decode stack equals the layer-by-layer path bit for bit, and steps aside when it must.
+
+Each case builds a tiny Llama-family model in bf16 (plain or int4 weights), a paged
+cache holding random history for each row, and one decode step; the step runs once
+through ``kernels/decode_stack.c`` and once layer by layer on a copy of the cache. The
+hidden states and every key and value written must be identical.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny
+from tokenmill import LLM, SamplingParams
+from tokenmill.layers import cpu_kernels
+from tokenmill.layers.decode_stack import DecodeStack, rmsnorm_lanes
+from tokenmill.layers.norms import RMSNorm
+from tokenmill.layers.paged_attention import PagedAttention, PagedKVCache, PrefillChunk
+from tokenmill.layers.quantized import quantize_model
+
+pytestmark = pytest.mark.skipif(
+    not (cpu_kernels.int4_available() and cpu_kernels.bf16_gemv_available()),
+    reason="the decode stack needs the C kernels with AVX512-BF16",
+)
+
+BS = 4
+
+
+def _model(arch: str, quant: str | None):
+    model = tiny.native_from_hf(tiny.hf_model(arch, seed=3), torch.bfloat16)
+    if quant:
+        quantize_model(model, quant, 32, dtype=torch.bfloat16)
+    return model
+
+
+def _step(model, lens: list[int], seed: int = 0, chunk: bool = False):
+    """x, positions, a context and its cache for one decode token per row (``lens``: the
+    context length of each row, the new token included), history random."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    width = max(-(-n // BS) for n in lens)
+    nb = len(lens) * width + 3
+    cache = PagedKVCache(
+        cfg.num_layers, nb, BS, cfg.num_kv_heads, cfg.head_dim, torch.bfloat16, torch.device("cpu")
+    )
+    for t in cache.k + cache.v:
+        t.copy_(torch.randn(t.shape, generator=g))
+    perm = torch.randperm(nb, generator=g)
+    tables = [perm[i * width : (i + 1) * width].tolist() for i in range(len(lens))]
+    slots = [tables[i][(n - 1) // BS] * BS + (n - 1) % BS for i, n in enumerate(lens)]
+    ctx = PagedAttention(
+        cache,
+        torch.tensor(slots),
+        max(lens) - 1,
+        len(lens),
+        decode_tables=torch.tensor(tables),
+        decode_lens=torch.tensor(lens),
+        chunks=[PrefillChunk(len(lens), 1, 1, None)] if chunk else [],
+    )
+    x = model.embed(torch.randint(0, cfg.vocab_size, (1, len(lens)), generator=g))
+    positions = torch.tensor([[n - 1 for n in lens]])
+    return x, positions, ctx
+
+
+def _clone_ctx(ctx: PagedAttention) -> PagedAttention:
+    cache = ctx.cache
+    copy = PagedKVCache.__new__(PagedKVCache)
+    copy.k, copy.v = [t.clone() for t in cache.k], [t.clone() for t in cache.v]
+    copy.num_blocks, copy.block_size = cache.num_blocks, cache.block_size
+    return PagedAttention(
+        copy,
+        ctx.slot_mapping,
+        ctx.max_position,
+        ctx.num_decode,
+        ctx.decode_tables,
+        ctx.decode_lens,
+        list(ctx.chunks),
+        ctx.use_kernels,
+    )
+
+
+def _both(model, x, positions, ctx, monkeypatch):
+    """(stack output, reference output, stack context, reference context, stack calls)."""
+    calls = []
+    real_run = DecodeStack.run
+    monkeypatch.setattr(DecodeStack, "run", lambda self, *a: calls.append(1) or real_run(self, *a))
+    ref_ctx = _clone_ctx(ctx)
+    with torch.inference_mode():
+        model._decode_stack = None
+        out = model.run_layers(x, positions, ctx)
+        stack = model._decode_stack
+        model._decode_stack = False  # the layer-by-layer path
+        ref = model.run_layers(x, positions, ref_ctx)
+        model._decode_stack = stack
+    return out, ref, ctx, ref_ctx, len(calls)
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2"])
+@pytest.mark.parametrize(
+    "quant,lens", [(None, [5]), (None, [9, 1, 30, 17]), ("int4", [5]), ("int4", [3, 40, 1, 8, 19, 2, 11])]
+)
+def test_stack_equals_layer_by_layer(arch, quant, lens, monkeypatch):
+    model = _model(arch, quant)
+    x, positions, ctx = _step(model, lens)
+    out, ref, ctx, ref_ctx, calls = _both(model, x, positions, ctx, monkeypatch)
+    assert calls == 1, model._decode_stack
+    assert torch.equal(out, ref)
+    for a, b in zip(ctx.cache.k + ctx.cache.v, ref_ctx.cache.k + ref_ctx.cache.v):
+        assert torch.equal(a, b)
+
+
+def test_mistral_window_is_applied():
+    """Context longer than the sliding window: the stack's output must differ from a
+    model without the window (so the window test above is not vacuous)."""
+    model = _model("mistral", None)
+    assert model.model.layers[0].self_attn.window == 16
+    x, positions, ctx = _step(model, [30, 25])
+    with torch.inference_mode():
+        windowed = model.run_layers(x, positions, _clone_ctx(ctx))
+        for layer in model.model.layers:
+            layer.self_attn.window = None
+        model._decode_stack = None
+        full = model.run_layers(x, positions, ctx)
+    assert not torch.equal(windowed, full)
+
+
+@pytest.mark.parametrize(
+    "case,why",
+    [
+        ("bf16 rows", None),  # 5 rows of bf16 weights: more than the GEMV kernel takes
+        ("chunk", None),  # a prefill chunk in the step
+        ("no kernels", None),  # the reference path was asked for
+        ("qwen3", "per-head q/k norms"),
+    ],
+)
+def test_steps_the_stack_does_not_take_run_layer_by_layer(case, why, monkeypatch):
+    model = _model("qwen3" if case == "qwen3" else "llama", None)
+    lens = [4, 6, 9, 2, 7] if case == "bf16 rows" else [4, 6]
+    x, positions, ctx = _step(model, lens, chunk=case == "chunk")
+    if case == "chunk":  # the chunk's token rides along as a sixth row
+        x = torch.cat([x, x[:, :1]], dim=1)
+        positions = torch.cat([positions, torch.zeros(1, 1, dtype=torch.long)], dim=1)
+        ctx.slot_mapping = torch.cat([ctx.slot_mapping, torch.tensor([0])])
+    ctx.use_kernels = case != "no kernels"
+    out, ref, _, _, calls = _both(model, x, positions, ctx, monkeypatch)
+    assert calls == 0
+    assert torch.equal(out, ref)
+    if why:
+        assert model._decode_stack is False
+        assert DecodeStack.build(model) == (None, why)
+
+
+def test_indices_outside_the_cache_are_refused():
+    model = _model("llama", "int4")
+    x, positions, ctx = _step(model, [5, 6])
+    ctx.decode_tables[1, 0] = ctx.cache.num_blocks  # one past the last block
+    with torch.inference_mode(), pytest.raises(ValueError, match="outside the KV cache"):
+        model.run_layers(x, positions, ctx)
+
+
+@pytest.mark.parametrize("hidden", [64, 100, 576, 2048, 20000])
+def test_rmsnorm_matches_pytorch_bit_for_bit(hidden):
+    """The C norm reproduces PyTorch's float32 sum order; the probe finds the width, and the
+    width matters (another one gives a different sum for most rows)."""
+    lanes = rmsnorm_lanes(hidden, 1e-5)
+    assert lanes is not None
+    from tokenmill.layers.decode_stack import _lib
+
+    lib = _lib()
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(64, hidden, generator=g) * 30).bfloat16()
+    add = torch.randn(64, hidden, generator=g).bfloat16()
+    norm = RMSNorm(hidden, 1e-5).bfloat16()
+    with torch.no_grad():
+        norm.weight.uniform_(0, 2, generator=g)
+        want, want_res = norm(x, add)
+    res, out = x.clone(), torch.empty_like(x)
+    lib.decode_stack_rmsnorm(
+        res.data_ptr(), add.data_ptr(), norm.weight.data_ptr(), out.data_ptr(), 64, hidden, 1e-5, lanes
+    )
+    assert torch.equal(out, want) and torch.equal(res, want_res)
+    sq = torch.randn(64, hidden, generator=g).pow(2)
+    sums = {}
+    for width in (lanes, 1 if lanes != 1 else 4):
+        sums[width] = torch.empty(64)
+        lib.decode_stack_sum(sq.data_ptr(), sums[width].data_ptr(), 64, hidden, width)
+    assert torch.equal(sums[lanes], sq.sum(-1))
+    if hidden >= 576:
+        assert not torch.equal(sums[1 if lanes != 1 else 4], sq.sum(-1))
+
+
+@pytest.mark.parametrize("quant", [None, "int4"])
+def test_engine_greedy_outputs_unchanged_by_the_stack(llama_dir, quant):
+    """Whole requests through the engine, batched: tokens and logprobs equal with and without the stack."""
+    llm = LLM(llama_dir, dtype="bfloat16", quantization=quant)
+    model = llm.engine.runner.model
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
+    prompts = ["The capital of France", "Hello", "def f(x):", "Rome"]
+    with_stack = llm.generate(prompts, params)
+    assert model._decode_stack, "the stack should run these steps"
+    model._decode_stack = False
+    without = llm.generate(prompts, params)
+    for a, b in zip(with_stack, without):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].logprobs == b.outputs[0].logprobs
