@@ -204,3 +204,25 @@ def test_engine_greedy_outputs_unchanged_by_the_stack(llama_dir, quant):
     for a, b in zip(with_stack, without):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert a.outputs[0].logprobs == b.outputs[0].logprobs
+
+
+def test_stack_is_rebuilt_when_the_weights_are_replaced():
+    """Weights moved into new tensors (here float32 and back): the old stack would read the
+    old ones, so a new one is built, and it computes with the new weights."""
+    model = _model("llama", None)
+    x, positions, ctx = _step(model, [5, 9])
+    with torch.inference_mode():
+        model.run_layers(x, positions, _clone_ctx(ctx))
+    old = model._decode_stack
+    assert old
+    model.float().bfloat16()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(2)  # so stale weights would show
+    ref_ctx = _clone_ctx(ctx)
+    with torch.inference_mode():
+        out = model.run_layers(x, positions, ctx)  # the stale stack is still set here
+        new = model._decode_stack
+        model._decode_stack = False
+        ref = model.run_layers(x, positions, ref_ctx)
+    assert new and new is not old
+    assert torch.equal(out, ref)

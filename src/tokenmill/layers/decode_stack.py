@@ -155,12 +155,22 @@ def _norm_weight(norm: nn.Module, keep: list[torch.Tensor]) -> int | None:
     return w.data_ptr()
 
 
+def _fingerprint(model: nn.Module) -> tuple[int, ...]:
+    """Where the first and last layers' weights live."""
+    layers = model.model.layers
+    mods = (layers[0].self_attn.qkv_proj, layers[-1].mlp.down_proj, layers[0].input_layernorm)
+    return tuple(getattr(m, "qweight", getattr(m, "weight", None)).data_ptr() for m in mods)
+
+
 class DecodeStack:
     """The C description of a model's layers, built once; ``run`` takes one decode step."""
 
-    def __init__(self, layers: Any, dims: _Dims, keep: list[torch.Tensor], max_rows: int) -> None:
+    def __init__(
+        self, layers: Any, dims: _Dims, keep: list[torch.Tensor], max_rows: int, model: nn.Module
+    ) -> None:
         self.layers, self.dims, self.max_rows = layers, dims, max_rows
         self._keep = keep  # the tensors whose pointers the C structures hold
+        self._fingerprint = _fingerprint(model)
         self._caches: tuple[tuple[int, ...], Any, Any] | None = None
 
     @classmethod
@@ -206,7 +216,12 @@ class DecodeStack:
         )
         # bf16 weights go through the GEMV kernel, which takes at most this many rows.
         max_rows = cpu_kernels.BF16_GEMV_MAX_ROWS if any_bf16 else 256
-        return cls(layers, dims, keep, max_rows), ""
+        return cls(layers, dims, keep, max_rows, model), ""
+
+    def is_current(self, model: nn.Module) -> bool:
+        """False once the model's weights were replaced (moved, reloaded into new tensors):
+        the stack then holds the old ones and must be built again."""
+        return _fingerprint(model) == self._fingerprint
 
     def _cache_pointers(self, cache: Any) -> tuple[Any, Any]:
         key = tuple(t.data_ptr() for t in cache.k) + tuple(t.data_ptr() for t in cache.v)

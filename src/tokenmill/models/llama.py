@@ -177,6 +177,8 @@ class LlamaForCausalLM(CausalLM):
 
     def run_layers(self, x: torch.Tensor, positions: torch.Tensor, ctx: Any) -> torch.Tensor:
         stack = self._decode_stack
+        if stack and not stack.is_current(self):
+            stack = None
         if stack is None and isinstance(ctx, PagedAttention) and x.device.type == "cpu":
             stack, why = DecodeStack.build(self)
             if stack is None:
