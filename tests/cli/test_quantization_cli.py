@@ -51,13 +51,13 @@ def test_bad_quantization_values_are_named():
     assert res.returncode == 2
     assert "argument --quantization: invalid choice: 'int3' (choose from" in res.stderr
     with pytest.raises(
-        ValueError, match=r"quantization must be one of 'int8', 'int4' or None \('none'\), got 'fp8'"
+        ValueError, match=r"quantization must be one of 'int8', 'int4', 'w4a8' or None \('none'\), got 'fp8'"
     ):
         LLM("/no/such/model", quantization="fp8")  # checked before anything loads
     from tokenmill.generation.engine import EngineConfig
 
     with pytest.raises(
-        ValueError, match=r"quantization must be one of 'int8', 'int4' or None \('none'\), got 'q4'"
+        ValueError, match=r"quantization must be one of 'int8', 'int4', 'w4a8' or None \('none'\), got 'q4'"
     ):
         EngineConfig(quantization="q4")
 

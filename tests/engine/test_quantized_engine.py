@@ -28,7 +28,7 @@ def _load(tiny_root: str, mode: str, dtype: str):
     return loaded
 
 
-@pytest.fixture(scope="module", params=["int8", "int4"])
+@pytest.fixture(scope="module", params=["int8", "int4", "w4a8"])
 def loaded(request, tiny_root):
     return _load(tiny_root, request.param, "float32")
 
@@ -58,7 +58,7 @@ def _greedy_logprobs(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=5)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "w4a8"])
 def test_bf16_kernels_in_the_engine_stay_within_rounding_of_the_dense_path(tiny_root, mode):
     loaded = _load(tiny_root, mode, "bfloat16")
     assert loaded.quantization.fallback == {}  # the bf16 kernels run every layer

@@ -98,7 +98,14 @@ def _both(model, x, positions, ctx, monkeypatch):
 
 @pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2"])
 @pytest.mark.parametrize(
-    "quant,lens", [(None, [5]), (None, [9, 1, 30, 17]), ("int4", [5]), ("int4", [3, 40, 1, 8, 19, 2, 11])]
+    "quant,lens",
+    [
+        (None, [5]),
+        (None, [9, 1, 30, 17]),
+        ("int4", [5]),
+        ("int4", [3, 40, 1, 8, 19, 2, 11]),
+        ("w4a8", [3, 40, 1, 8, 19, 2, 11, 6, 5, 4]),
+    ],
 )
 def test_stack_equals_layer_by_layer(arch, quant, lens, monkeypatch):
     model = _model(arch, quant)
@@ -190,7 +197,7 @@ def test_rmsnorm_matches_pytorch_bit_for_bit(hidden):
         assert not torch.equal(sums[1 if lanes != 1 else 4], sq.sum(-1))
 
 
-@pytest.mark.parametrize("quant", [None, "int4"])
+@pytest.mark.parametrize("quant", [None, "int4", "w4a8"])
 def test_engine_greedy_outputs_unchanged_by_the_stack(llama_dir, quant):
     """Whole requests through the engine, batched: tokens and logprobs equal with and without the stack."""
     llm = LLM(llama_dir, dtype="bfloat16", quantization=quant)

@@ -51,7 +51,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None
     enable_prefix_caching: bool = True
     max_waiting: int | None = None
-    #: weight-only quantization of the linear layers: "int8", "int4" or None
+    #: quantization of the linear layers: "int8", "int4", "w4a8" or None
     quantization: str | None = None
 
     def __post_init__(self) -> None:

@@ -35,7 +35,9 @@ class LLM:
         kv_cache_memory: bytes for the paged KV cache (default: from free memory).
         enable_prefix_caching: reuse the KV blocks of prompts that share a prefix.
         quantization: "int8" or "int4" to keep every linear layer's weight quantized
-            (weight-only; activations stay in ``dtype``), or None. See docs/quantization.md.
+            (weight-only; activations stay in ``dtype``), "w4a8" for int4 weights with the
+            activations rounded to int8 per group as each layer runs, or None. See
+            docs/quantization.md.
     """
 
     def __init__(

@@ -31,6 +31,7 @@ _SOURCES = [
         "half_linear.c",
         "bf16_gemv.c",
         "int4_gemv.c",
+        "int4a8_gemm.c",
         "decode_stack.c",
     )
 ]
@@ -92,7 +93,8 @@ def _library() -> ctypes.CDLL | None:
         getattr(lib, name).restype = None
     lib.bf16_gemv.argtypes = [ptr] * 4 + [i64] * 3 + [i32]
     lib.int4_gemm_bf16.argtypes = [ptr] * 4 + [i64] * 4 + [i32]
-    for name in ("bf16_gemv", "int4_gemm_bf16"):
+    lib.int4a8_gemm_bf16.argtypes = [ptr] * 4 + [i64] * 4 + [i32]
+    for name in ("bf16_gemv", "int4_gemm_bf16", "int4a8_gemm_bf16"):
         getattr(lib, name).restype = ctypes.c_int
     return lib
 
@@ -402,4 +404,92 @@ def int4_mm(
     )
     if failed:
         raise MemoryError("int4_mm: the kernel could not allocate its scratch")
+    return y
+
+
+# -- int4 weights times int8 activations (w4a8, CPU) ----------------------------------------
+
+
+@functools.cache
+def int4a8_available() -> bool:
+    """Whether this machine runs the w4a8 kernel (a C compiler and AVX512-VNNI)."""
+
+    def run(lib: ctypes.CDLL) -> bool:
+        codes = torch.full((3, 40), 9, dtype=torch.uint8)
+        packed = int4a8_pack(codes, 32)
+        sz = torch.tensor([1.0, 0.0], dtype=torch.bfloat16).expand(2, 3, 2).contiguous()
+        x = torch.ones(1, 40, dtype=torch.bfloat16)
+        y = torch.empty(1, 3, dtype=torch.bfloat16)
+        rc = lib.int4a8_gemm_bf16(
+            x.data_ptr(), packed.data_ptr(), sz.data_ptr(), y.data_ptr(), 1, 3, 40, 32, 1
+        )
+        return rc == 0 and bool((y == 40).all())  # (9 - 8) * 1 per weight, x exact in int8
+
+    return _probe(run)
+
+
+def int4a8_pack(codes: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N, K) uint8 codes in [0, 15] -> the w4a8 kernel's layout, 1-D uint8 of
+    ceil(N / 16) * 16 * Kp / 2 bytes with Kp = ceil(K / group_size) * group_size: blocks of
+    16 rows, each stored as [Kp / 8][16][4] bytes, byte 4r + j of column step k holding
+    q[r, k + j] in its low nibble and q[r, k + 4 + j] in its high one (padding codes 0)."""
+    N, K = codes.shape
+    R = INT4_BLOCK_ROWS
+    Np, Kp = -(-N // R) * R, -(-K // group_size) * group_size
+    c = torch.zeros(Np, Kp, dtype=torch.uint8)
+    c[:N, :K] = codes
+    c = c.view(Np // R, R, Kp // 8, 2, 4).permute(0, 2, 1, 3, 4)  # (blocks, Kp / 8, R, lo|hi, j)
+    return (c[..., 0, :] | (c[..., 1, :] << 4)).contiguous().view(-1)
+
+
+def int4a8_unpack(packed: torch.Tensor, out_features: int, in_features: int, group_size: int) -> torch.Tensor:
+    """The (N, K) uint8 codes of ``int4a8_pack``'s layout."""
+    R = INT4_BLOCK_ROWS
+    Np, Kp = -(-out_features // R) * R, -(-in_features // group_size) * group_size
+    b = packed.view(Np // R, Kp // 8, R, 4)
+    c = torch.stack([b & 15, b >> 4], dim=3)  # (blocks, Kp / 8, R, lo|hi, j)
+    return c.permute(0, 2, 1, 3, 4).reshape(Np, Kp)[:out_features, :in_features]
+
+
+def int4a8_mm(
+    x2: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, out_features: int, group_size: int
+) -> torch.Tensor:
+    """x2 (M, K) bf16, quantized to int8 per row and group, times the int4 weight of
+    ``int4a8_pack``'s layout (see kernels/int4a8_gemm.c). Returns (M, N) bf16."""
+    lib = _library()
+    M, K = x2.shape
+    N, G = out_features, group_size
+    Np, Kp = -(-N // INT4_BLOCK_ROWS) * INT4_BLOCK_ROWS, -(-K // G) * G
+    if not (
+        lib is not None
+        and x2.dtype == scales_and_zeros.dtype == torch.bfloat16
+        and packed.dtype == torch.uint8
+        and packed.numel() == Np * Kp // 2
+        and scales_and_zeros.shape == (Kp // G, N, 2)
+        and x2.is_contiguous()
+        and packed.is_contiguous()
+        and scales_and_zeros.is_contiguous()
+        and G % 8 == 0
+    ):
+        raise ValueError(
+            f"int4a8_mm: x {tuple(x2.shape)} {x2.dtype}, {packed.numel()} packed bytes and scales "
+            f"{tuple(scales_and_zeros.shape)} {scales_and_zeros.dtype} do not fit an ({N}, {K}) "
+            f"weight in groups of {G} (contiguous bfloat16 activations and scales)"
+        )
+    y = torch.empty(M, N, dtype=torch.bfloat16)
+    if M == 0:
+        return y
+    rc = lib.int4a8_gemm_bf16(
+        x2.data_ptr(),
+        packed.data_ptr(),
+        scales_and_zeros.data_ptr(),
+        y.data_ptr(),
+        M,
+        N,
+        K,
+        G,
+        torch.get_num_threads(),
+    )
+    if rc:
+        raise MemoryError("int4a8_mm: the kernel could not allocate its scratch")
     return y

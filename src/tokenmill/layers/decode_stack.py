@@ -37,6 +37,7 @@ class _Linear(ctypes.Structure):
         ("N", _i64),
         ("K", _i64),
         ("group", _i64),
+        ("act8", _i64),
     ]
 
 
@@ -127,9 +128,9 @@ def _linear(module: nn.Module, keep: list[torch.Tensor]) -> _Linear | None:
     if isinstance(module, Int4Linear):
         if not (module.own_kernel and module.scales_and_zeros.dtype == torch.bfloat16):
             return None
-        w, sz, group = module.qweight, module.scales_and_zeros, module.group_size
+        w, sz, group, act8 = module.qweight, module.scales_and_zeros, module.group_size, module.act8
     elif isinstance(module, nn.Linear):
-        w, sz, group = module.weight, None, 0
+        w, sz, group, act8 = module.weight, None, 0, False
         if not (w.dtype == torch.bfloat16 and w.is_contiguous() and cpu_kernels.bf16_gemv_available()):
             return None
     else:
@@ -142,6 +143,7 @@ def _linear(module: nn.Module, keep: list[torch.Tensor]) -> _Linear | None:
         module.out_features,
         module.in_features,
         group,
+        int(act8),
     )
 
 

@@ -18,6 +18,13 @@ wrong, only slower:
   (in_features not a multiple of the group size, out_features not a multiple of 16 on
   CPU or 8 on CUDA) keep the codes in a plain layout and dequantize on each call.
 
+- w4a8: int4 weights as above, and the activations rounded to int8 per row and group of
+  ``group_size`` inputs as each layer runs (``quantize_activations``), so that the CPU
+  kernel (``cpu_kernels.int4a8_mm``, kernels/int4a8_gemm.c, AVX512-VNNI) does twice the
+  multiply-adds per instruction of the bf16 one; the extra rounding is the cost, measured
+  in perplexity. Without the kernel (another device or dtype, no VNNI) the layer computes
+  the same thing in float32 (``Int4Linear.reference_a8``).
+
 Int8 is symmetric per output channel: ``w = q * scale``, q in [-127, 127]. Int4 is
 asymmetric per group of ``group_size`` input features: ``w = (q - 8) * scale + zero``,
 q in [0, 15], which is exactly what the int4 kernels compute from ``scales_and_zeros``
@@ -43,7 +50,7 @@ from tokenmill.layers import cpu_kernels
 
 log = logging.getLogger("tokenmill.quantization")
 
-QUANTIZATION_MODES = ("int8", "int4")
+QUANTIZATION_MODES = ("int8", "int4", "w4a8")
 INT4_GROUP_SIZES = (32, 64, 128)
 
 # Rows up to which the int8 kernel beats dequantize-then-matmul on CPU (torch 2.13): the
@@ -63,12 +70,12 @@ Int4Source = Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def check_quantization(mode: str | None) -> str | None:
-    """The canonical mode name ("int8", "int4") or None for no quantization."""
+    """The canonical mode name ("int8", "int4", "w4a8") or None for no quantization."""
     if mode is None or (isinstance(mode, str) and mode.lower() == "none"):
         return None
     if isinstance(mode, str) and mode.lower() in QUANTIZATION_MODES:
         return mode.lower()
-    raise ValueError(f"quantization must be one of 'int8', 'int4' or None ('none'), got {mode!r}")
+    raise ValueError(f"quantization must be one of 'int8', 'int4', 'w4a8' or None ('none'), got {mode!r}")
 
 
 def check_group_size(group_size: int) -> int:
@@ -201,6 +208,36 @@ def _int4_layout(
     return "plain", f"no int4 kernel for device {device.type}"
 
 
+def _int4a8_layout(dtype: torch.dtype, device: torch.device) -> tuple[str, str | None]:
+    """Where the w4a8 kernel runs ("cpu"), else ("plain", why)."""
+    if device.type != "cpu":
+        return "plain", f"the w4a8 kernel runs on CPU, not {device.type}"
+    if dtype != torch.bfloat16:
+        return "plain", f"{dtype} activations (the w4a8 kernel takes bfloat16)"
+    if not cpu_kernels.int4a8_available():
+        return "plain", "no w4a8 kernel on this machine (it needs a C compiler and AVX512-VNNI)"
+    return "cpu", None
+
+
+def quantize_activations(x2: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The w4a8 kernel's activation rounding, in PyTorch: per row and group of
+    ``group_size`` inputs, xq = round(x * 127 / max|x|) in [-127, 127] and a = max|x| / 127,
+    all in float32. Returns (xq, a repeated over each group's inputs), both (M, K) float32."""
+    M, K = x2.shape
+    G = group_size
+    xf = x2.float()
+    pad = -K % G
+    g = F.pad(xf, (0, pad)).view(M, -1, G)  # (M, K / G, G)
+    amax = g.abs().amax(dim=2, keepdim=True)
+    # Tensor by tensor: a Python number over a tensor is computed as a reciprocal times the
+    # number, one rounding more than the kernel's division.
+    c127 = torch.full_like(amax, 127.0)
+    inv = torch.where(amax > 0, c127 / amax, torch.zeros_like(amax))
+    xq = torch.round(g * inv).clamp_(-127, 127)
+    a = (amax / c127).expand_as(g)
+    return xq.reshape(M, -1)[:, :K], a.reshape(M, -1)[:, :K]
+
+
 def _inner_k_tiles(in_features: int) -> int:
     # The CUDA layout tiles K by 16 * inner_k_tiles; the largest tile that divides K.
     return next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
@@ -237,20 +274,33 @@ class Int4Linear(nn.Module):
         bias: torch.Tensor | None,
         group_size: int,
         layout: str | None = None,
+        act8: bool = False,
     ) -> None:
         """codes: (N, K) uint8 in [0, 15]; scales, zeros: (N, ceil(K / G)) in the activation
-        dtype; ``layout`` None picks the fastest for the device, dtype and shape."""
+        dtype; ``layout`` None picks the fastest for the device, dtype and shape. ``act8``:
+        round the activations to int8 per row and group too (the "w4a8" mode)."""
         super().__init__()
         N, K = codes.shape
         self.out_features, self.in_features, self.group_size = N, K, group_size
+        self.act8 = act8
         dtype, device = scales.dtype, codes.device
         reason = "the plain layout was asked for" if layout == "plain" else None
         if layout is None:
-            layout, reason = _int4_layout(N, K, group_size, dtype, device)
+            layout, reason = (
+                _int4a8_layout(dtype, device) if act8 else _int4_layout(N, K, group_size, dtype, device)
+            )
+        if act8 and layout not in ("cpu", "plain"):
+            raise ValueError(f"w4a8 layout must be 'cpu' or 'plain', got {layout!r}")
         self.layout, self.fallback = layout, reason
         # Whether qweight is in the layout of this package's CPU kernel rather than PyTorch's.
         self.own_kernel = layout == "cpu" and dtype == torch.bfloat16 and cpu_kernels.int4_available()
-        if self.own_kernel:
+        if act8:
+            self.own_kernel = layout == "cpu" and cpu_kernels.int4a8_available()
+            if layout == "cpu" and not self.own_kernel:
+                raise ValueError("the w4a8 'cpu' layout needs the w4a8 kernel (a C compiler and AVX512-VNNI)")
+        if act8 and self.own_kernel:
+            qweight = cpu_kernels.int4a8_pack(codes, group_size)
+        elif self.own_kernel:
             qweight = cpu_kernels.int4_pack(codes, group_size)
         elif layout == "cpu":
             qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
@@ -270,6 +320,8 @@ class Int4Linear(nn.Module):
 
     @property
     def kernel(self) -> str | None:
+        if self.own_kernel and self.act8:
+            return "tokenmill.int4a8_mm"
         if self.own_kernel:
             return "tokenmill.int4_mm"
         return {"cpu": "_weight_int4pack_mm_for_cpu", "cuda": "_weight_int4pack_mm"}.get(self.layout)
@@ -284,6 +336,7 @@ class Int4Linear(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         layout: str | None = None,
+        act8: bool = False,
     ) -> Int4Linear:
         """Quantize ``weight`` (N, K) with min/max per group on ``device``; scales in ``dtype``."""
         check_group_size(group_size)
@@ -304,12 +357,16 @@ class Int4Linear(nn.Module):
         codes = codes.to(torch.uint8).view(N, -1)[:, :K]
         del w, g
         b = None if bias is None else bias.detach().to(device=codes.device, dtype=dtype)
-        return cls(codes, scales, zeros, b, group_size, layout)
+        return cls(codes, scales, zeros, b, group_size, layout, act8)
 
     def codes(self) -> torch.Tensor:
         """The 4-bit codes, (N, K) uint8."""
         if self.layout == "plain":
             return _unpack_plain(self.qweight, self.in_features)
+        if self.own_kernel and self.act8:
+            return cpu_kernels.int4a8_unpack(
+                self.qweight, self.out_features, self.in_features, self.group_size
+            )
         if self.own_kernel:
             return cpu_kernels.int4_unpack(self.qweight, self.out_features, self.in_features, self.group_size)
         # The packed layouts are the kernels' own; read them back through the kernel with
@@ -342,6 +399,16 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor, use_kernel: bool = True) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = _rows(x, self.in_features)  # (M, K)
+        if self.act8:
+            if use_kernel and self.own_kernel and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+                out = cpu_kernels.int4a8_mm(
+                    x2, self.qweight, self.scales_and_zeros, self.out_features, self.group_size
+                )
+                if self.bias is not None:
+                    out = out + self.bias
+            else:
+                out = self.reference_a8(x2)
+            return out.view(*lead, self.out_features)
         if use_kernel and self.layout != "plain":
             if x.device.type != self.layout:
                 raise RuntimeError(
@@ -357,11 +424,29 @@ class Int4Linear(nn.Module):
         out = F.linear(x2, self.dequantized_weight(x.dtype), self.bias)
         return out.view(*lead, self.out_features)
 
+    def reference_a8(self, x2: torch.Tensor) -> torch.Tensor:
+        """What the w4a8 kernel computes, in float32: the scaled codes times the int8-rounded
+        activations, plus the zero points times the exact activations, in x2's dtype."""
+        N, K, G = self.out_features, self.in_features, self.group_size
+        sz = self.scales_and_zeros.float().permute(1, 0, 2)  # (N, K / G, 2)
+        codes = self.codes().float()
+        if K % G:
+            codes = F.pad(codes, (0, -K % G))
+        scaled = codes.view(N, -1, G).sub_(8).mul_(sz[..., :1]).view(N, -1)[:, :K]
+        zeros = sz[..., 1:].expand(N, -1, G).reshape(N, -1)[:, :K]
+        xq, a = quantize_activations(x2, G)
+        out = F.linear(xq * a, scaled) + F.linear(x2.float(), zeros)
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x2.dtype)
+
     def extra_repr(self) -> str:
         s = (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, group_size={self.group_size}, kernel={self.kernel}"
         )
+        if self.act8:
+            s += ", activations=int8"
         return s + (f", fallback={self.fallback!r}" if self.fallback else "")
 
 
@@ -425,7 +510,8 @@ def quantize_model(
     (``shard_sizes``) carry over.
 
     Args:
-        mode: "int8", "int4", or None / "none" to change nothing.
+        mode: "int8", "int4", "w4a8" (int4 weights, activations rounded to int8 per row
+            and group, see kernels/int4a8_gemm.c), or None / "none" to change nothing.
         group_size: input features per int4 scale and zero point: 32, 64 or 128.
         dtype: activation dtype for the scales (default: each weight's own dtype).
         sources: int4 only: module name -> prequantized codes to use instead of quantizing
@@ -437,9 +523,9 @@ def quantize_model(
     mode = check_quantization(mode)
     if mode is None:
         return None
-    if mode == "int4":
+    if mode in ("int4", "w4a8"):
         check_group_size(group_size)
-    report = QuantizationReport(mode, group_size if mode == "int4" else None)
+    report = QuantizationReport(mode, group_size if mode in ("int4", "w4a8") else None)
     # A C decode stack built before holds pointers to the old weights: build it afresh.
     model.__dict__.pop("_decode_stack", None)
     # Names only: holding the modules themselves would keep every old weight alive.
@@ -457,7 +543,7 @@ def quantize_model(
             if mode == "int8":
                 q: Int8Linear | Int4Linear = Int8Linear.from_float(weight, bias, dtype=dt, device=dev)
             else:
-                q = _int4_layer(name, weight, bias, group_size, dt, dev, sources, report)
+                q = _int4_layer(name, weight, bias, group_size, dt, dev, sources, report, mode == "w4a8")
         for attr in ("shard_sizes",):
             if hasattr(child, attr):
                 setattr(q, attr, getattr(child, attr))
@@ -486,6 +572,7 @@ def _int4_layer(
     device: torch.device,
     sources: Mapping[str, Int4Source] | None,
     report: QuantizationReport,
+    act8: bool = False,
 ) -> Int4Linear:
     source = sources.get(name) if sources is not None and group_size == 32 else None
     if source is not None:
@@ -496,6 +583,6 @@ def _int4_layer(
         if _source_matches(codes, scales, zeros, weight, 32):
             b = None if bias is None else bias.detach().to(device=device, dtype=dtype)
             report.from_source.append(name)
-            return Int4Linear(codes, scales, zeros, b, 32)
+            return Int4Linear(codes, scales, zeros, b, 32, act8=act8)
         log.warning("%s: its prequantized int4 blocks do not match the loaded weight; re-quantizing", name)
-    return Int4Linear.from_float(weight, bias, group_size, dtype=dtype, device=device)
+    return Int4Linear.from_float(weight, bias, group_size, dtype=dtype, device=device, act8=act8)

@@ -209,7 +209,9 @@ def load_from_gguf(
 
     transform = family.gguf_transform(cfg, arch) if family.gguf_transform else None
     report = load_weights(model, renamed(), source=path, transform=transform, describe=describe)
-    sources = _gguf_int4_sources(gguf, model, hf_to_gguf, transform) if quantization == "int4" else None
+    sources = (
+        _gguf_int4_sources(gguf, model, hf_to_gguf, transform) if quantization in ("int4", "w4a8") else None
+    )
     quantized = _quantize(model, device, quantization, sources)
     model = _finalize(model, device, quantized is not None)
     return LoadedModel(model, tokenizer, cfg, {}, path, report, quantized)

@@ -16,7 +16,7 @@
  * accumulators of `lanes` floats, then the lanes one after another), which is what the
  * reference path computes; the Python side checks the two agree on this machine before
  * it uses this path. Linear layers are bf16 (N, K) weights through bf16_gemv (1 to 4
- * rows) or int4 codes through int4_gemm_bf16.
+ * rows) or int4 codes through int4_gemm_bf16 (int4a8_gemm_bf16 in the w4a8 mode).
  */
 #include <math.h>
 #include <stdint.h>
@@ -30,6 +30,8 @@ int bf16_gemv(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16_t 
               int64_t K, int nthreads);
 int int4_gemm_bf16(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t *y, int64_t M, int64_t N,
                    int64_t K, int64_t G, int nthreads);
+int int4a8_gemm_bf16(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t *y, int64_t M, int64_t N,
+                     int64_t K, int64_t G, int nthreads);
 void rope_bf16(uint16_t *x, const uint16_t *cos_t, const uint16_t *sin_t, int64_t rows, int heads, int D,
                int64_t row_stride, int nthreads);
 void silu_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int I, int nthreads);
@@ -46,6 +48,7 @@ typedef struct {
     const uint16_t *scales_zeros;
     const uint16_t *bias; /* (N,) bf16 or NULL */
     int64_t N, K, group;
+    int64_t act8; /* int4 weights: round the activations to int8 (int4a8_gemm_bf16) */
 } ds_linear;
 
 typedef struct {
@@ -151,8 +154,8 @@ int decode_stack_rmsnorm(uint16_t *x, const uint16_t *add, const uint16_t *w, ui
 
 static int ds_linear_run(const ds_linear *l, const uint16_t *x, uint16_t *y, int64_t M, int nthreads) {
     if (l->group == 0) return bf16_gemv(x, (const uint16_t *)l->weight, l->bias, y, M, l->N, l->K, nthreads);
-    const int rc = int4_gemm_bf16(x, (const uint8_t *)l->weight, l->scales_zeros, y, M, l->N, l->K, l->group,
-                                  nthreads);
+    const int rc = (l->act8 ? int4a8_gemm_bf16 : int4_gemm_bf16)(x, (const uint8_t *)l->weight, l->scales_zeros,
+                                                                  y, M, l->N, l->K, l->group, nthreads);
     if (rc == 0 && l->bias)
         for (int64_t m = 0; m < M; m++)
             for (int64_t n = 0; n < l->N; n++) y[m * l->N + n] = ds_bf16(ds_f32(y[m * l->N + n]) + ds_f32(l->bias[n]));
