@@ -41,14 +41,14 @@ def _x(M: int, K: int, seed: int = 1) -> torch.Tensor:
 def test_activation_rounding_matches_the_kernels_bit_for_bit(M, K, G):
     lib = cpu_kernels._library()
     f = lib.int4a8_quantize_rows
-    f.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
+    f.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     f.restype = None
     x = _x(M, K)
     groups = -(-K // G)
     xq = torch.empty(M, groups * G, dtype=torch.int8)
     a, xsum = torch.empty(M, groups), torch.empty(M, groups)
     xqsum = torch.empty(M, groups, dtype=torch.int32)
-    f(x.data_ptr(), xq.data_ptr(), a.data_ptr(), xsum.data_ptr(), xqsum.data_ptr(), M, K, G)
+    f(x.data_ptr(), xq.data_ptr(), a.data_ptr(), xsum.data_ptr(), xqsum.data_ptr(), M, K, G, 2)
     ref_q, ref_a = quantize_activations(x, G)
     assert torch.equal(xq[:, :K].float(), ref_q)
     assert (xq[:, K:] == 0).all()

@@ -29,6 +29,7 @@
 #define A8_ROWS 16
 #define A8_MAX_MB 8
 #define A8_PARALLEL_MIN (1 << 15)
+#define A8_CHUNK_BYTES (256 << 10)
 
 static inline float a8_f32(uint16_t x) {
     uint32_t u = (uint32_t)x << 16;
@@ -37,38 +38,87 @@ static inline float a8_f32(uint16_t x) {
     return f;
 }
 
-/* x (M, K) bf16 -> xq (M, Kp) int8 padded with zeros, a (M, groups) scales, xsum (M,
- * groups) float sums of x, xqsum (M, groups) int32 sums of xq. Exposed so the reference
- * path and the tests quantize exactly as the kernel does. */
-void int4a8_quantize_rows(const uint16_t *x, int8_t *xq, float *a, float *xsum, int32_t *xqsum, int64_t M,
-                          int64_t K, int64_t G) {
-    const int64_t groups = (K + G - 1) / G, Kp = groups * G;
-    for (int64_t m = 0; m < M; m++) {
-        for (int64_t g = 0; g < groups; g++) {
-            const int64_t k0 = g * G, k1 = k0 + G < K ? k0 + G : K;
-            float amax = 0.0f, sum = 0.0f;
-            for (int64_t k = k0; k < k1; k++) {
-                const float f = a8_f32(x[m * K + k]);
-                sum += f;
-                amax = fabsf(f) > amax ? fabsf(f) : amax;
-            }
-            const float scale = amax / 127.0f;
-            const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-            int32_t qs = 0;
-            for (int64_t k = k0; k < k0 + G; k++) {
-                int32_t q = 0;
-                if (k < k1) {
-                    q = (int32_t)nearbyintf(a8_f32(x[m * K + k]) * inv);
-                    q = q > 127 ? 127 : (q < -127 ? -127 : q);
-                }
-                xq[m * Kp + k] = (int8_t)q;
-                qs += q;
-            }
-            a[m * groups + g] = scale;
-            xsum[m * groups + g] = sum;
-            xqsum[m * groups + g] = qs;
+/* One row of x (K bf16) -> its int8 codes (Kp, padded with zeros), and per group the scale
+ * a = max|x| / 127, the float sum of x and the int32 sum of the codes. Scalar version. */
+static void a8_quantize_row_scalar(const uint16_t *x, int8_t *xq, float *a, float *xsum, int32_t *xqsum, int64_t K,
+                                   int64_t G) {
+    const int64_t groups = (K + G - 1) / G;
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t k0 = g * G, k1 = k0 + G < K ? k0 + G : K;
+        float amax = 0.0f, sum = 0.0f;
+        for (int64_t k = k0; k < k1; k++) {
+            const float f = a8_f32(x[k]);
+            sum += f;
+            amax = fabsf(f) > amax ? fabsf(f) : amax;
         }
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int32_t qs = 0;
+        for (int64_t k = k0; k < k0 + G; k++) {
+            int32_t q = 0;
+            if (k < k1) {
+                q = (int32_t)nearbyintf(a8_f32(x[k]) * inv);
+                q = q > 127 ? 127 : (q < -127 ? -127 : q);
+            }
+            xq[k] = (int8_t)q;
+            qs += q;
+        }
+        a[g] = amax / 127.0f;
+        xsum[g] = sum;
+        xqsum[g] = qs;
     }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* The same with AVX-512, 16 inputs at a time (G a multiple of 16): the codes are the same
+ * (x * (127 / max|x|) rounded half to even, as nearbyintf does); the float sum of x is
+ * added in another order, which only the zero-point term sees. */
+static void a8_quantize_row(const uint16_t *x, int8_t *xq, float *a, float *xsum, int32_t *xqsum, int64_t K,
+                            int64_t G) {
+    if (G % 16) {
+        a8_quantize_row_scalar(x, xq, a, xsum, xqsum, K, G);
+        return;
+    }
+    const int64_t groups = (K + G - 1) / G;
+    __m512 v[256 / 16];
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t k0 = g * G, nch = G / 16;
+        __m512 vmax = _mm512_setzero_ps(), vsum = _mm512_setzero_ps();
+        for (int64_t c = 0; c < nch; c++) {
+            const int64_t left = K - (k0 + 16 * c);
+            const __mmask16 mk = left >= 16 ? (__mmask16)0xffff : (left <= 0 ? 0 : (__mmask16)((1u << left) - 1));
+            const __m256i h = _mm256_maskz_loadu_epi16(mk, x + k0 + 16 * c);
+            v[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+            vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v[c]));
+            vsum = _mm512_add_ps(vsum, v[c]);
+        }
+        const float amax = _mm512_reduce_max_ps(vmax);
+        const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        __m512i qsum = _mm512_setzero_si512();
+        for (int64_t c = 0; c < nch; c++) {
+            const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(v[c], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m512i q = _mm512_cvtps_epi32(r);
+            q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+            _mm_storeu_si128((__m128i *)(xq + k0 + 16 * c), _mm512_cvtepi32_epi8(q));
+            qsum = _mm512_add_epi32(qsum, q);
+        }
+        a[g] = amax / 127.0f;
+        xsum[g] = _mm512_reduce_add_ps(vsum);
+        xqsum[g] = _mm512_reduce_add_epi32(qsum);
+    }
+}
+#else
+#define a8_quantize_row a8_quantize_row_scalar
+#endif
+
+/* x (M, K) bf16 -> xq (M, Kp) int8 padded with zeros, a (M, groups) scales, xsum (M,
+ * groups) float sums of x, xqsum (M, groups) int32 sums of xq. Exposed so the tests can
+ * check the codes against the reference path's rounding. */
+void int4a8_quantize_rows(const uint16_t *x, int8_t *xq, float *a, float *xsum, int32_t *xqsum, int64_t M,
+                          int64_t K, int64_t G, int nthreads) {
+    const int64_t groups = (K + G - 1) / G, Kp = groups * G;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (M * K >= (1 << 16) && G <= 256)
+    for (int64_t m = 0; m < M; m++)
+        a8_quantize_row(x + m * K, xq + m * Kp, a + m * groups, xsum + m * groups, xqsum + m * groups, K, G);
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512BF16__)
@@ -144,10 +194,17 @@ int int4a8_gemm_bf16(const uint16_t *x, const uint8_t *w, const uint16_t *sz, ui
     float *a = (float *)buf, *xsum = a + M * groups;
     int32_t *xqsum = (int32_t *)(xsum + M * groups);
     int8_t *xq = (int8_t *)(xqsum + M * groups);
-    int4a8_quantize_rows(x, xq, a, xsum, xqsum, M, K, G);
+    int4a8_quantize_rows(x, xq, a, xsum, xqsum, M, K, G, nthreads);
     const int64_t blocks = (N + A8_ROWS - 1) / A8_ROWS;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (M * N * K >= A8_PARALLEL_MIN)
-    for (int64_t blk = 0; blk < blocks; blk++) a8_block(xq, a, xsum, xqsum, w, sz, y, M, N, Kp, G, blk);
+    /* Rows in chunks whose codes stay in L2 while every block of weights passes over them. */
+    int64_t chunk = (A8_CHUNK_BYTES / Kp) / A8_MAX_MB * A8_MAX_MB;
+    chunk = chunk < A8_MAX_MB ? A8_MAX_MB : chunk;
+    for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+        const int64_t rows = M - m0 < chunk ? M - m0 : chunk, off = m0 * groups;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows * N * K >= A8_PARALLEL_MIN)
+        for (int64_t blk = 0; blk < blocks; blk++)
+            a8_block(xq + m0 * Kp, a + off, xsum + off, xqsum + off, w, sz, y + m0 * N, rows, N, Kp, G, blk);
+    }
     free(buf);
     return 0;
 }
