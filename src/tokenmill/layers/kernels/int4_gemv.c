@@ -43,6 +43,8 @@
             /* the scales are a strided stream the prefetchers miss: ask for the next group's */      \
             _mm_prefetch((const char *)(szp + 2 * ((g + 1) * N + n)), _MM_HINT_T0);                   \
             for (int64_t t = 0; t < G / 4; t++) {                                                     \
+                /* the same bytes of the next block: memory streams while this one computes */       \
+                _mm_prefetch((const char *)(wg + 32 * t + Kp * (I4_ROWS / 2)), _MM_HINT_T0);          \
                 const __m512i c = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(wg + 32 * t))); \
                 /* the table repeats every 16 entries, so bits 4+ of the low nibble's index are ignored */ \
                 const __m512i lo = _mm512_permutexvar_epi16(c, table);                                \

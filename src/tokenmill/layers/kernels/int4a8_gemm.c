@@ -133,6 +133,8 @@ void int4a8_quantize_rows(const uint16_t *x, int8_t *xq, float *a, float *xsum, 
             const uint8_t *wg = wb + g * G * (A8_ROWS / 2);                                           \
             _mm_prefetch((const char *)(szp + 2 * ((g + 1) * N + n)), _MM_HINT_T0);                   \
             for (int64_t t = 0; t < G / 8; t++) {                                                     \
+                /* the same line of the next block: memory streams while this one computes */       \
+                _mm_prefetch((const char *)(wg + 64 * t + Kp * (A8_ROWS / 2)), _MM_HINT_T0);          \
                 const __m512i c = _mm512_loadu_si512(wg + 64 * t);                                    \
                 const __m512i lo = _mm512_and_si512(c, nib);                                          \
                 const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), nib);                    \
