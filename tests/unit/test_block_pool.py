@@ -167,6 +167,35 @@ def test_cached_blocks_are_reused_least_recently_freed_first_and_after_uncached_
     assert (pool.num_free, pool.num_used) == (0, 6)
 
 
+def test_a_pool_preferring_warm_blocks_recycles_cached_ones_before_fresh_ones():
+    """The CPU engine's order: uncached freed blocks, then cached ones by age, and only then
+    blocks never handed out (their memory is not mapped yet)."""
+    pool = BlockPool(6, prefer_warm=True)
+    b0, b1, b2, b3 = pool.allocate(4)
+    pool.register(b0, 100, (1,), None)
+    pool.register(b2, 102, (3,), None)
+    pool.free([b2])
+    pool.free([b0])
+    pool.free([b3])
+    pool.free([b1])
+    assert (pool.num_free, pool.num_used, pool.num_cached) == (6, 0, 2)
+    assert ids(pool.allocate(2)) == [1, 3]  # uncached, most recently freed first
+    assert ids(pool.allocate(1)) == [2]  # then the least recently freed cached block
+    assert pool.lookup(102, (3,), None) is None and pool.lookup(100, (1,), None) is b0
+    assert ids(pool.allocate(2)) == [0, 4]  # the last warm block, then fresh memory
+    assert ids(pool.allocate(1)) == [5]
+    assert (pool.num_free, pool.num_used, pool.num_cached) == (0, 6, 0)
+    with pytest.raises(RuntimeError, match="asked for 1 KV blocks with 0 free"):
+        pool.allocate(1)
+
+
+def test_the_cpu_engine_prefers_warm_blocks(llama_dir):
+    from tokenmill import LLM
+
+    assert not KVCacheManager(8, 4).pool.prefer_warm  # the pool's default keeps fresh blocks first
+    assert LLM(llama_dir, device="cpu").engine.kv.pool.prefer_warm
+
+
 def test_handing_out_a_block_clears_its_registration_and_bumps_its_generation():
     pool = BlockPool(1)
     (block,) = pool.allocate(1)

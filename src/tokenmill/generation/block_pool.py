@@ -7,7 +7,13 @@ so a hash collision can never hand out the wrong keys and values.
 
 Free blocks wait in least-recently-used order. A freed block that holds cached
 content stays findable until it is handed out again; blocks with nothing cached are
-handed out first.
+handed out first. Blocks never handed out come next, before the cached ones, unless the
+pool prefers warm blocks (``prefer_warm``, the CPU engine's choice): the first write to
+a never-used block is a page fault on each of its pages, and on the project's VM that
+costs about 2 ms per MB, a tenth of a 64-sequence batch's time when every batch moved on
+to fresh blocks; recycling the least recently used cached block instead keeps the
+memory a batch writes warm, and the cache grows into new memory only when all of the
+touched memory is in use.
 """
 
 from __future__ import annotations
@@ -37,23 +43,34 @@ class KVBlock:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, enable_caching: bool = True, prefer_warm: bool = False) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
+        self.prefer_warm = prefer_warm
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
-        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        #: blocks handed out before and free again: uncached ones first, then cached, LRU
+        self._free: OrderedDict[int, None] = OrderedDict()
+        #: blocks never handed out, popped from the end (so in ascending order)
+        self._fresh: list[int] = list(range(num_blocks - 1, -1, -1))
         self._cached: dict[int, KVBlock] = {}
 
     @property
     def num_free(self) -> int:
         """Blocks that can be handed out (cached ones with no user included)."""
-        return len(self._free)
+        return len(self._free) + len(self._fresh)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free
+
+    def _take(self) -> int:
+        if self._free:
+            first = next(iter(self._free))
+            if self.prefer_warm or not self._fresh or self.blocks[first].block_hash is None:
+                return self._free.popitem(last=False)[0]
+        return self._fresh.pop()
 
     @property
     def num_cached(self) -> int:
@@ -63,12 +80,11 @@ class BlockPool:
         return self.num_used / self.num_blocks
 
     def allocate(self, n: int) -> list[KVBlock]:
-        if n > len(self._free):
-            raise RuntimeError(f"asked for {n} KV blocks with {len(self._free)} free")
+        if n > self.num_free:
+            raise RuntimeError(f"asked for {n} KV blocks with {self.num_free} free")
         out = []
         for _ in range(n):
-            block_id, _ = self._free.popitem(last=False)
-            block = self.blocks[block_id]
+            block = self.blocks[self._take()]
             self._evict(block)
             block.ref_cnt = 1
             out.append(block)

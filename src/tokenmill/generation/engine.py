@@ -128,7 +128,11 @@ class LLMEngine:
 
             cpu_kernels.paged_decode_available(self.dtype)
         self.cache = self.runner.new_paged_cache(num_blocks, bs)
-        self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching)
+        # On CPU the pool's pages are mapped as first written (layers/paged_attention.py):
+        # recycle warm blocks before growing into new memory (generation/block_pool.py).
+        self.kv = KVCacheManager(
+            num_blocks, bs, config.enable_prefix_caching, prefer_warm=self.device.type == "cpu"
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv
         )
