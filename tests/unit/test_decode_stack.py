@@ -233,3 +233,27 @@ def test_stack_is_rebuilt_when_the_weights_are_replaced():
         ref = model.run_layers(x, positions, ref_ctx)
     assert new and new is not old
     assert torch.equal(out, ref)
+
+
+def test_copies_and_pickles_build_their_own_stack():
+    import copy
+    import io
+
+    model = _model("llama", "int4")
+    x, positions, ctx = _step(model, [5, 9])
+    with torch.inference_mode():
+        model.run_layers(x, positions, _clone_ctx(ctx))
+    assert model._decode_stack
+    twin = copy.deepcopy(model)
+    assert twin._decode_stack is None  # not the original's pointers
+    buf = io.BytesIO()
+    torch.save(model, buf)  # the stack's ctypes structures are not in the pickle
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for other in (twin, loaded):
+        ref_ctx = _clone_ctx(ctx)
+        with torch.inference_mode():
+            out = other.run_layers(x, positions, _clone_ctx(ctx))
+            assert other._decode_stack and other._decode_stack is not model._decode_stack
+            ref = model.run_layers(x, positions, ref_ctx)
+        assert torch.equal(out, ref)

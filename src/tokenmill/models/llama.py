@@ -175,6 +175,12 @@ class LlamaForCausalLM(CausalLM):
     #: the C decode stack: None until first needed, then the stack or False where it cannot run
     _decode_stack: Any = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The stack holds raw pointers to this model's weights: a copy or a pickle builds its own.
+        state = dict(super().__getstate__())
+        state.pop("_decode_stack", None)
+        return state
+
     def run_layers(self, x: torch.Tensor, positions: torch.Tensor, ctx: Any) -> torch.Tensor:
         stack = self._decode_stack
         if stack and not stack.is_current(self):
