@@ -125,3 +125,15 @@ def test_w4a8_model_stays_close_to_its_int4_self():
     assert not torch.equal(got, ref)
     assert (got - ref).abs().max() <= 8 * 2**-7 * ref.abs().max()
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
+
+
+@needs_kernel
+def test_int4a8_mm_rejects_what_does_not_fit():
+    layer = _layer(32, 64, 32, bias=False)
+    packed, sz = layer.qweight, layer.scales_and_zeros
+    with pytest.raises(
+        ValueError, match=r"int4a8_mm: x \(1, 64\) torch.float32.*an \(32, 64\) weight in groups of 32"
+    ):
+        cpu_kernels.int4a8_mm(torch.randn(1, 64), packed, sz, 32, 32)
+    with pytest.raises(ValueError, match=r"1024 packed bytes and scales \(2, 32, 2\) .* \(48, 64\) weight"):
+        cpu_kernels.int4a8_mm(torch.randn(1, 64, dtype=torch.bfloat16), packed, sz, 48, 32)

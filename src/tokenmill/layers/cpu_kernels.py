@@ -340,27 +340,75 @@ def int4_available() -> bool:
     return _probe(run)
 
 
+def _pack_codes(codes: torch.Tensor, group_size: int, step: int) -> torch.Tensor:
+    """(N, K) codes -> blocks of 16 rows, each [Kp / step][16][step / 2] bytes, byte
+    (step / 2) r + j of column step k holding q[r, k + j] in its low nibble and
+    q[r, k + step / 2 + j] in its high one (padding codes 0)."""
+    N, K = codes.shape
+    R, half = INT4_BLOCK_ROWS, step // 2
+    Np, Kp = -(-N // R) * R, -(-K // group_size) * group_size
+    c = torch.zeros(Np, Kp, dtype=torch.uint8)
+    c[:N, :K] = codes
+    c = c.view(Np // R, R, Kp // step, 2, half).permute(0, 2, 1, 3, 4)  # (blocks, Kp / step, R, lo|hi, j)
+    return (c[..., 0, :] | (c[..., 1, :] << 4)).contiguous().view(-1)
+
+
+def _unpack_codes(packed: torch.Tensor, out_features: int, in_features: int, group_size: int, step: int):
+    R = INT4_BLOCK_ROWS
+    Np, Kp = -(-out_features // R) * R, -(-in_features // group_size) * group_size
+    b = packed.view(Np // R, Kp // step, R, step // 2)
+    c = torch.stack([b & 15, b >> 4], dim=3)  # (blocks, Kp / step, R, lo|hi, j)
+    return c.permute(0, 2, 1, 3, 4).reshape(Np, Kp)[:out_features, :in_features]
+
+
 def int4_pack(codes: torch.Tensor, group_size: int) -> torch.Tensor:
     """(N, K) uint8 codes in [0, 15] -> the int4 kernel's layout, 1-D uint8 of
     ceil(N / 16) * 16 * Kp / 2 bytes with Kp = ceil(K / group_size) * group_size: blocks of
     16 rows, each stored as [Kp / 4][16][2] bytes, byte 2r + j of column step k holding
     q[r, k + j] in its low nibble and q[r, k + 2 + j] in its high one (padding codes 0)."""
-    N, K = codes.shape
-    R = INT4_BLOCK_ROWS
-    Np, Kp = -(-N // R) * R, -(-K // group_size) * group_size
-    c = torch.zeros(Np, Kp, dtype=torch.uint8)
-    c[:N, :K] = codes
-    c = c.view(Np // R, R, Kp // 4, 2, 2).permute(0, 2, 1, 3, 4)  # (blocks, Kp / 4, R, lo|hi, j)
-    return (c[..., 0, :] | (c[..., 1, :] << 4)).contiguous().view(-1)
+    return _pack_codes(codes, group_size, 4)
 
 
 def int4_unpack(packed: torch.Tensor, out_features: int, in_features: int, group_size: int) -> torch.Tensor:
     """The (N, K) uint8 codes of ``int4_pack``'s layout."""
-    R = INT4_BLOCK_ROWS
-    Np, Kp = -(-out_features // R) * R, -(-in_features // group_size) * group_size
-    b = packed.view(Np // R, Kp // 4, R, 2)
-    c = torch.stack([b & 15, b >> 4], dim=3)  # (blocks, Kp / 4, R, lo|hi, j)
-    return c.permute(0, 2, 1, 3, 4).reshape(Np, Kp)[:out_features, :in_features]
+    return _unpack_codes(packed, out_features, in_features, group_size, 4)
+
+
+def _int4_kernel_mm(
+    name: str, x2: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, out_features: int, group_size: int
+) -> torch.Tensor:
+    """Run the int4 kernel ``name`` (int4_gemm_bf16 or int4a8_gemm_bf16) after checking
+    everything it reads. Returns (M, N) bf16."""
+    lib = _library()
+    M, K = x2.shape
+    N, G = out_features, group_size
+    Np, Kp = -(-N // INT4_BLOCK_ROWS) * INT4_BLOCK_ROWS, -(-K // G) * G
+    step, public = (8, "int4a8_mm") if name == "int4a8_gemm_bf16" else (4, "int4_mm")
+    if not (
+        lib is not None
+        and x2.dtype == sz.dtype == torch.bfloat16
+        and packed.dtype == torch.uint8
+        and packed.numel() == Np * Kp // 2
+        and sz.shape == (Kp // G, N, 2)
+        and x2.is_contiguous()
+        and packed.is_contiguous()
+        and sz.is_contiguous()
+        and G % step == 0
+    ):
+        raise ValueError(
+            f"{public}: x {tuple(x2.shape)} {x2.dtype}, {packed.numel()} packed bytes and scales "
+            f"{tuple(sz.shape)} {sz.dtype} do not fit an ({N}, {K}) weight in groups of {G} "
+            "(contiguous bfloat16 activations and scales)"
+        )
+    y = torch.empty(M, N, dtype=torch.bfloat16)
+    if M == 0:
+        return y
+    rc = getattr(lib, name)(
+        x2.data_ptr(), packed.data_ptr(), sz.data_ptr(), y.data_ptr(), M, N, K, G, torch.get_num_threads()
+    )
+    if rc:
+        raise MemoryError(f"{public}: the kernel could not allocate its scratch")
+    return y
 
 
 def int4_mm(
@@ -368,43 +416,7 @@ def int4_mm(
 ) -> torch.Tensor:
     """x2 (M, K) bf16 times the int4 weight of ``int4_pack``'s layout, w = (q - 8) * s + z
     with ``scales_and_zeros`` (ceil(K / G), N, 2) bf16. Returns (M, N) bf16."""
-    lib = _library()
-    M, K = x2.shape
-    N, G = out_features, group_size
-    Np, Kp = -(-N // INT4_BLOCK_ROWS) * INT4_BLOCK_ROWS, -(-K // G) * G
-    if not (
-        lib is not None
-        and x2.dtype == scales_and_zeros.dtype == torch.bfloat16
-        and packed.dtype == torch.uint8
-        and packed.numel() == Np * Kp // 2
-        and scales_and_zeros.shape == (Kp // G, N, 2)
-        and x2.is_contiguous()
-        and packed.is_contiguous()
-        and scales_and_zeros.is_contiguous()
-        and G % 4 == 0
-    ):
-        raise ValueError(
-            f"int4_mm: x {tuple(x2.shape)} {x2.dtype}, {packed.numel()} packed bytes and scales "
-            f"{tuple(scales_and_zeros.shape)} {scales_and_zeros.dtype} do not fit an ({N}, {K}) "
-            f"weight in groups of {G} (contiguous bfloat16 activations and scales)"
-        )
-    y = torch.empty(M, N, dtype=torch.bfloat16)
-    if M == 0:
-        return y
-    failed = lib.int4_gemm_bf16(
-        x2.data_ptr(),
-        packed.data_ptr(),
-        scales_and_zeros.data_ptr(),
-        y.data_ptr(),
-        M,
-        N,
-        K,
-        G,
-        torch.get_num_threads(),
-    )
-    if failed:
-        raise MemoryError("int4_mm: the kernel could not allocate its scratch")
-    return y
+    return _int4_kernel_mm("int4_gemm_bf16", x2, packed, scales_and_zeros, out_features, group_size)
 
 
 # -- int4 weights times int8 activations (w4a8, CPU) ----------------------------------------
@@ -429,26 +441,15 @@ def int4a8_available() -> bool:
 
 
 def int4a8_pack(codes: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(N, K) uint8 codes in [0, 15] -> the w4a8 kernel's layout, 1-D uint8 of
-    ceil(N / 16) * 16 * Kp / 2 bytes with Kp = ceil(K / group_size) * group_size: blocks of
-    16 rows, each stored as [Kp / 8][16][4] bytes, byte 4r + j of column step k holding
-    q[r, k + j] in its low nibble and q[r, k + 4 + j] in its high one (padding codes 0)."""
-    N, K = codes.shape
-    R = INT4_BLOCK_ROWS
-    Np, Kp = -(-N // R) * R, -(-K // group_size) * group_size
-    c = torch.zeros(Np, Kp, dtype=torch.uint8)
-    c[:N, :K] = codes
-    c = c.view(Np // R, R, Kp // 8, 2, 4).permute(0, 2, 1, 3, 4)  # (blocks, Kp / 8, R, lo|hi, j)
-    return (c[..., 0, :] | (c[..., 1, :] << 4)).contiguous().view(-1)
+    """(N, K) uint8 codes in [0, 15] -> the w4a8 kernel's layout: as ``int4_pack``'s with
+    steps of 8 columns, [Kp / 8][16][4] bytes per block, byte 4r + j of column step k
+    holding q[r, k + j] in its low nibble and q[r, k + 4 + j] in its high one."""
+    return _pack_codes(codes, group_size, 8)
 
 
 def int4a8_unpack(packed: torch.Tensor, out_features: int, in_features: int, group_size: int) -> torch.Tensor:
     """The (N, K) uint8 codes of ``int4a8_pack``'s layout."""
-    R = INT4_BLOCK_ROWS
-    Np, Kp = -(-out_features // R) * R, -(-in_features // group_size) * group_size
-    b = packed.view(Np // R, Kp // 8, R, 4)
-    c = torch.stack([b & 15, b >> 4], dim=3)  # (blocks, Kp / 8, R, lo|hi, j)
-    return c.permute(0, 2, 1, 3, 4).reshape(Np, Kp)[:out_features, :in_features]
+    return _unpack_codes(packed, out_features, in_features, group_size, 8)
 
 
 def int4a8_mm(
@@ -456,40 +457,4 @@ def int4a8_mm(
 ) -> torch.Tensor:
     """x2 (M, K) bf16, quantized to int8 per row and group, times the int4 weight of
     ``int4a8_pack``'s layout (see kernels/int4a8_gemm.c). Returns (M, N) bf16."""
-    lib = _library()
-    M, K = x2.shape
-    N, G = out_features, group_size
-    Np, Kp = -(-N // INT4_BLOCK_ROWS) * INT4_BLOCK_ROWS, -(-K // G) * G
-    if not (
-        lib is not None
-        and x2.dtype == scales_and_zeros.dtype == torch.bfloat16
-        and packed.dtype == torch.uint8
-        and packed.numel() == Np * Kp // 2
-        and scales_and_zeros.shape == (Kp // G, N, 2)
-        and x2.is_contiguous()
-        and packed.is_contiguous()
-        and scales_and_zeros.is_contiguous()
-        and G % 8 == 0
-    ):
-        raise ValueError(
-            f"int4a8_mm: x {tuple(x2.shape)} {x2.dtype}, {packed.numel()} packed bytes and scales "
-            f"{tuple(scales_and_zeros.shape)} {scales_and_zeros.dtype} do not fit an ({N}, {K}) "
-            f"weight in groups of {G} (contiguous bfloat16 activations and scales)"
-        )
-    y = torch.empty(M, N, dtype=torch.bfloat16)
-    if M == 0:
-        return y
-    rc = lib.int4a8_gemm_bf16(
-        x2.data_ptr(),
-        packed.data_ptr(),
-        scales_and_zeros.data_ptr(),
-        y.data_ptr(),
-        M,
-        N,
-        K,
-        G,
-        torch.get_num_threads(),
-    )
-    if rc:
-        raise MemoryError("int4a8_mm: the kernel could not allocate its scratch")
-    return y
+    return _int4_kernel_mm("int4a8_gemm_bf16", x2, packed, scales_and_zeros, out_features, group_size)
