@@ -1,0 +1,41 @@
+"""The prepared GPU check of issue 4 (benchmarks/cuda_decode_check.py) runs end to end.
+
+No GPU here: ``--tiny`` on the CPU exercises every step of the script (correctness on the
+device, copy bandwidth, the decode limit and the throughput comparison) so that it does
+not rot before a machine with a GPU runs it at full size.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
+
+
+@pytest.fixture
+def script(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.abspath(BENCH))
+    import cuda_decode_check
+
+    yield cuda_decode_check
+    sys.modules.pop("cuda_decode_check", None)
+
+
+def test_tiny_run_on_cpu_reports_every_figure(script):
+    r = script.run("cpu", rounds=1, tiny=True, copy_gib=0.05)
+    assert all(v["greedy_32_equal"] and v["max_abs_logit_err"] < 1e-4 for v in r["correctness"].values())
+    assert r["copy_bandwidth_gb_s"] > 0.1
+    m = r["llama_1b"]
+    # the tiny model: 2 layers of 64 wide, a 512-token vocabulary, tied embeddings counted once
+    assert m["params"] == 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64) + 512 * 64 + 64
+    assert m["weight_bytes_per_token"] == 2 * m["params"]
+    assert m["decode_limit_tok_s"] == pytest.approx(
+        r["copy_bandwidth_gb_s"] * 1e9 / m["weight_bytes_per_token"]
+    )
+    assert m["decode_b1_tok_s"] > 0 and m["decode_fraction_of_limit"] > 0
+    assert m["tokenmill_tok_s_4"] > 0 and m["transformers_tok_s_4"] > 0
+    assert m["throughput_ratio"] == pytest.approx(m["tokenmill_tok_s_4"] / m["transformers_tok_s_4"])
+    assert set(r["targets"]) == {"decode_at_least_70pct_of_limit", "throughput_at_least_5x_transformers"}
