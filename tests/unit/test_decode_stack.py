@@ -15,6 +15,7 @@ import tiny
 from tokenmill import LLM, SamplingParams
 from tokenmill.layers import cpu_kernels
 from tokenmill.layers.decode_stack import DecodeStack, rmsnorm_lanes
+from tokenmill.layers.linear import pack_linears_for_onednn
 from tokenmill.layers.norms import RMSNorm
 from tokenmill.layers.paged_attention import PagedAttention, PagedKVCache, PrefillChunk
 from tokenmill.layers.quantized import quantize_model
@@ -27,11 +28,34 @@ pytestmark = pytest.mark.skipif(
 BS = 4
 
 
-def _model(arch: str, quant: str | None):
-    model = tiny.native_from_hf(tiny.hf_model(arch, seed=3), torch.bfloat16)
+def _model(arch: str, quant: str | None, wide: bool = False):
+    """A tiny model of ``arch`` in bf16, its linear layers as the loader leaves them on CPU:
+    quantized, or plain bf16 packed for oneDNN. ``wide``: SmolLM2's widths (576 / 1536,
+    9 / 3 heads of 64) in 2 layers, where summation orders that agree at width 64 can part."""
+    hf = tiny.hf_model(arch, seed=3) if not wide else _wide_hf()
+    model = tiny.native_from_hf(hf, torch.bfloat16)
     if quant:
         quantize_model(model, quant, 32, dtype=torch.bfloat16)
+    else:
+        assert pack_linears_for_onednn(model)
     return model
+
+
+def _wide_hf():
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=tiny.VOCAB,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=2,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+    )
+    torch.manual_seed(3)
+    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def _step(model, lens: list[int], seed: int = 0, chunk: bool = False):
@@ -115,6 +139,24 @@ def test_stack_equals_layer_by_layer(arch, quant, lens, monkeypatch):
     assert torch.equal(out, ref)
     for a, b in zip(ctx.cache.k + ctx.cache.v, ref_ctx.cache.k + ref_ctx.cache.v):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("quant,lens", [(None, [7]), (None, [9, 30, 17, 5]), ("w4a8", [9, 30, 17, 5, 40, 2])])
+def test_stack_equals_layer_by_layer_at_smollm2_widths(quant, lens, monkeypatch):
+    model = _model("llama", quant, wide=True)
+    x, positions, ctx = _step(model, lens)
+    out, ref, ctx, ref_ctx, calls = _both(model, x, positions, ctx, monkeypatch)
+    assert calls == 1
+    assert torch.equal(out, ref)
+    for a, b in zip(ctx.cache.k + ctx.cache.v, ref_ctx.cache.k + ref_ctx.cache.v):
+        assert torch.equal(a, b)
+
+
+def test_unpacked_bf16_layers_run_layer_by_layer():
+    """A plain nn.Linear sums its few-row products in F.linear's order, not the GEMV
+    kernel's, so a model the loader left unpacked (too big to pack) keeps the layer path."""
+    model = tiny.native_from_hf(tiny.hf_model("llama", seed=3), torch.bfloat16)
+    assert DecodeStack.build(model) == (None, "layer 0 has a norm or linear layer the C stack does not take")
 
 
 def test_mistral_window_is_applied():

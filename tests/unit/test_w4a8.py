@@ -137,3 +137,25 @@ def test_int4a8_mm_rejects_what_does_not_fit():
         cpu_kernels.int4a8_mm(torch.randn(1, 64), packed, sz, 32, 32)
     with pytest.raises(ValueError, match=r"1024 packed bytes and scales \(2, 32, 2\) .* \(48, 64\) weight"):
         cpu_kernels.int4a8_mm(torch.randn(1, 64, dtype=torch.bfloat16), packed, sz, 48, 32)
+    with pytest.raises(ValueError, match=r"int4a8_mm: x \(2, 0\) torch.bfloat16"):
+        cpu_kernels.int4a8_mm(torch.empty(2, 0, dtype=torch.bfloat16), packed, sz, 32, 32)
+
+
+@needs_kernel
+def test_tiny_and_huge_groups_agree_with_the_reference():
+    """A group whose largest value is so small that 127 / max overflows rounds to zeros on
+    both paths (no NaN on either), and groups wider than the kernel's vector buffer (512)
+    take its scalar rounding."""
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 16, (32, 1024), dtype=torch.uint8, generator=g)
+    for G in (32, 512):
+        scales = (torch.rand(32, 1024 // G, generator=g) * 0.1).bfloat16()
+        zeros = (torch.randn(32, 1024 // G, generator=g) * 0.1).bfloat16()
+        layer = Int4Linear(codes, scales, zeros, None, G, act8=True)
+        x = torch.randn(3, 1024, generator=g).bfloat16()
+        x[1, :G] = 1e-38  # a whole group below 127 / FLT_MAX
+        got, ref = layer(x), layer(x, use_kernel=False)
+        assert torch.isfinite(got).all() and torch.isfinite(ref).all()
+        step = 2**-7 * ref.float().abs().max().item()
+        torch.testing.assert_close(got.float(), ref.float(), atol=2 * step, rtol=0)
+        assert torch.equal(quantize_activations(x[1:2, :G], G)[0], torch.zeros(1, G))

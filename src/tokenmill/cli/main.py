@@ -45,7 +45,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         choices=["none", "int8", "int4", "w4a8"],
         help="keep the linear layers' weights in int8 (per channel) or int4 (groups of 32), "
         "activations in --dtype; w4a8: int4 weights with activations rounded to int8 per group "
-        "(fastest on AVX512-VNNI CPUs) (default: none)",
+        "(fastest on CPUs with AVX512-VNNI and AVX512-BF16) (default: none)",
     )
 
 

@@ -386,6 +386,7 @@ def _int4_kernel_mm(
     step, public = (8, "int4a8_mm") if name == "int4a8_gemm_bf16" else (4, "int4_mm")
     if not (
         lib is not None
+        and K >= 1
         and x2.dtype == sz.dtype == torch.bfloat16
         and packed.dtype == torch.uint8
         and packed.numel() == Np * Kp // 2
@@ -424,7 +425,7 @@ def int4_mm(
 
 @functools.cache
 def int4a8_available() -> bool:
-    """Whether this machine runs the w4a8 kernel (a C compiler and AVX512-VNNI)."""
+    """Whether this machine runs the w4a8 kernel (a C compiler, AVX512-VNNI and AVX512-BF16)."""
 
     def run(lib: ctypes.CDLL) -> bool:
         codes = torch.full((3, 40), 9, dtype=torch.uint8)

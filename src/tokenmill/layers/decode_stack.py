@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.layers import cpu_kernels
+from tokenmill.layers.linear import OneDNNPackedLinear
 from tokenmill.layers.norms import RMSNorm
 from tokenmill.layers.quantized import Int4Linear
 
@@ -129,7 +130,9 @@ def _linear(module: nn.Module, keep: list[torch.Tensor]) -> _Linear | None:
         if not (module.own_kernel and module.scales_and_zeros.dtype == torch.bfloat16):
             return None
         w, sz, group, act8 = module.qweight, module.scales_and_zeros, module.group_size, module.act8
-    elif isinstance(module, nn.Linear):
+    elif type(module) is OneDNNPackedLinear:
+        # Only the packed layer: it is the one whose few-row path is bf16_gemv, as here (a
+        # plain nn.Linear runs F.linear, which sums in another order).
         w, sz, group, act8 = module.weight, None, 0, False
         if not (w.dtype == torch.bfloat16 and w.is_contiguous() and cpu_kernels.bf16_gemv_available()):
             return None
@@ -157,22 +160,28 @@ def _norm_weight(norm: nn.Module, keep: list[torch.Tensor]) -> int | None:
     return w.data_ptr()
 
 
-def _fingerprint(model: nn.Module) -> tuple[int, ...]:
-    """Where the first and last layers' weights live."""
+def weights_fingerprint(model: nn.Module) -> tuple[int, ...]:
+    """Where the first and last layers' weights live: it changes when the weights are moved
+    or replaced by new tensors, after which a built stack would read the old ones."""
     layers = model.model.layers
     mods = (layers[0].self_attn.qkv_proj, layers[-1].mlp.down_proj, layers[0].input_layernorm)
-    return tuple(getattr(m, "qweight", getattr(m, "weight", None)).data_ptr() for m in mods)
+    return tuple(_storage(m) for m in mods)
+
+
+def _storage(module: nn.Module) -> int:
+    for name in ("qweight", "weight", "packed"):  # quantized, plain, split fp32 layers
+        t = getattr(module, name, None)
+        if isinstance(t, torch.Tensor):
+            return t.data_ptr()
+    return id(module)
 
 
 class DecodeStack:
     """The C description of a model's layers, built once; ``run`` takes one decode step."""
 
-    def __init__(
-        self, layers: Any, dims: _Dims, keep: list[torch.Tensor], max_rows: int, model: nn.Module
-    ) -> None:
+    def __init__(self, layers: Any, dims: _Dims, keep: list[torch.Tensor], max_rows: int) -> None:
         self.layers, self.dims, self.max_rows = layers, dims, max_rows
         self._keep = keep  # the tensors whose pointers the C structures hold
-        self._fingerprint = _fingerprint(model)
         self._caches: tuple[tuple[int, ...], Any, Any] | None = None
 
     @classmethod
@@ -218,12 +227,7 @@ class DecodeStack:
         )
         # bf16 weights go through the GEMV kernel, which takes at most this many rows.
         max_rows = cpu_kernels.BF16_GEMV_MAX_ROWS if any_bf16 else 256
-        return cls(layers, dims, keep, max_rows, model), ""
-
-    def is_current(self, model: nn.Module) -> bool:
-        """False once the model's weights were replaced (moved, reloaded into new tensors):
-        the stack then holds the old ones and must be built again."""
-        return _fingerprint(model) == self._fingerprint
+        return cls(layers, dims, keep, max_rows), ""
 
     def _cache_pointers(self, cache: Any) -> tuple[Any, Any]:
         key = tuple(t.data_ptr() for t in cache.k) + tuple(t.data_ptr() for t in cache.v)

@@ -20,7 +20,7 @@ wrong, only slower:
 
 - w4a8: int4 weights as above, and the activations rounded to int8 per row and group of
   ``group_size`` inputs as each layer runs (``quantize_activations``), so that the CPU
-  kernel (``cpu_kernels.int4a8_mm``, kernels/int4a8_gemm.c, AVX512-VNNI) does twice the
+  kernel (``cpu_kernels.int4a8_mm``, kernels/int4a8_gemm.c, AVX512-VNNI and -BF16) does twice the
   multiply-adds per instruction of the bf16 one; the extra rounding is the cost, measured
   in perplexity. Without the kernel (another device or dtype, no VNNI) the layer computes
   the same thing in float32 (``Int4Linear.reference_a8``).
@@ -215,7 +215,7 @@ def _int4a8_layout(dtype: torch.dtype, device: torch.device) -> tuple[str, str |
     if dtype != torch.bfloat16:
         return "plain", f"{dtype} activations (the w4a8 kernel takes bfloat16)"
     if not cpu_kernels.int4a8_available():
-        return "plain", "no w4a8 kernel on this machine (it needs a C compiler and AVX512-VNNI)"
+        return "plain", "no w4a8 kernel on this machine (it needs a C compiler, AVX512-VNNI and AVX512-BF16)"
     return "cpu", None
 
 
@@ -232,7 +232,9 @@ def quantize_activations(x2: torch.Tensor, group_size: int) -> tuple[torch.Tenso
     # Tensor by tensor: a Python number over a tensor is computed as a reciprocal times the
     # number, one rounding more than the kernel's division.
     c127 = torch.full_like(amax, 127.0)
-    inv = torch.where(amax > 0, c127 / amax, torch.zeros_like(amax))
+    inv = c127 / amax
+    # max|x| = 0, or so small that 127 / max|x| overflows: every code rounds to 0
+    inv = torch.where((amax > 0) & torch.isfinite(inv), inv, torch.zeros_like(amax))
     xq = torch.round(g * inv).clamp_(-127, 127)
     a = (amax / c127).expand_as(g)
     return xq.reshape(M, -1)[:, :K], a.reshape(M, -1)[:, :K]
@@ -297,7 +299,9 @@ class Int4Linear(nn.Module):
         if act8:
             self.own_kernel = layout == "cpu" and cpu_kernels.int4a8_available()
             if layout == "cpu" and not self.own_kernel:
-                raise ValueError("the w4a8 'cpu' layout needs the w4a8 kernel (a C compiler and AVX512-VNNI)")
+                raise ValueError(
+                    "the w4a8 'cpu' layout needs the w4a8 kernel (a C compiler, AVX512-VNNI and AVX512-BF16)"
+                )
         if act8 and self.own_kernel:
             qweight = cpu_kernels.int4a8_pack(codes, group_size)
         elif self.own_kernel:

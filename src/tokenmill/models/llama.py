@@ -15,7 +15,7 @@ from torch import nn
 
 from tokenmill.layers import cpu_kernels
 from tokenmill.layers.activations import get_activation
-from tokenmill.layers.decode_stack import DecodeStack
+from tokenmill.layers.decode_stack import DecodeStack, weights_fingerprint
 from tokenmill.layers.norms import RMSNorm
 from tokenmill.layers.paged_attention import PagedAttention
 from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary
@@ -174,22 +174,28 @@ class CausalLM(nn.Module):
 class LlamaForCausalLM(CausalLM):
     #: the C decode stack: None until first needed, then the stack or False where it cannot run
     _decode_stack: Any = None
+    #: the weights the stack (or the verdict False) was built for
+    _decode_stack_key: tuple[int, ...] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # The stack holds raw pointers to this model's weights: a copy or a pickle builds its own.
         state = dict(super().__getstate__())
         state.pop("_decode_stack", None)
+        state.pop("_decode_stack_key", None)
         return state
 
     def run_layers(self, x: torch.Tensor, positions: torch.Tensor, ctx: Any) -> torch.Tensor:
         stack = self._decode_stack
-        if stack and not stack.is_current(self):
-            stack = None
+        if stack is not None and self._decode_stack_key != weights_fingerprint(self):
+            # Moved or replaced weights (to CUDA, another dtype): drop the stack and the old
+            # tensors it holds, and look again on the next CPU step.
+            self._decode_stack = stack = None
         if stack is None and isinstance(ctx, PagedAttention) and x.device.type == "cpu":
             stack, why = DecodeStack.build(self)
             if stack is None:
                 log.info("decode steps run layer by layer: %s", why)
             self._decode_stack = stack or False
+            self._decode_stack_key = weights_fingerprint(self)
         if stack and stack.accepts(x, ctx):
             cos, sin = self.rotary(positions, x.dtype, ctx.max_position)
             out = stack.run(x, cos, sin, ctx)

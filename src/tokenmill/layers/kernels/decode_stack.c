@@ -177,13 +177,13 @@ int decode_stack_bf16(const ds_layer *layers, const ds_dims *d, uint16_t *x, int
     const float eps = (float)d->eps;
     if (lanes < 1 || lanes > DS_MAX_LANES) return 1;
     const int64_t big = C > 2 * I ? C : 2 * I;
-    /* residual, h, qkv, q, attention out, gate_up, act, layer out; plus a float row */
-    const int64_t elems = M * (3 * C + QKV + 2 * H * D + big + I + C);
-    uint16_t *buf = malloc(elems * sizeof(uint16_t) + (C > I ? C : I) * sizeof(float));
-    if (!buf) return 2;
-    uint16_t *res = buf, *h = res + M * C, *qkv = h + M * C, *q = qkv + M * QKV, *att = q + M * H * D;
-    uint16_t *gu = att + M * H * D, *act = gu + M * big, *y = act + M * I;
-    float *row = (float *)(y + M * C);
+    /* a float row for the norms first (aligned), then residual, h, qkv, q, attention out,
+     * gate_up, act and the layer output in bf16 */
+    const int64_t elems = M * (3 * C + QKV + 2 * H * D + big + I);
+    float *row = malloc(C * sizeof(float) + elems * sizeof(uint16_t));
+    if (!row) return 2;
+    uint16_t *res = (uint16_t *)(row + C), *h = res + M * C, *qkv = h + M * C, *q = qkv + M * QKV;
+    uint16_t *att = q + M * H * D, *gu = att + M * H * D, *act = gu + M * big, *y = act + M * I;
     int rc = 0;
     memcpy(y, x, M * C * sizeof(uint16_t));
     for (int64_t li = 0; li < d->layers && rc == 0; li++) {
@@ -211,6 +211,6 @@ int decode_stack_bf16(const ds_layer *layers, const ds_dims *d, uint16_t *x, int
     }
     if (rc == 0)
         for (int64_t i = 0; i < M * C; i++) x[i] = ds_bf16(ds_f32(y[i]) + ds_f32(res[i]));
-    free(buf);
+    free(row);
     return rc;
 }

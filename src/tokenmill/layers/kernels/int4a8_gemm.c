@@ -1,4 +1,4 @@
-/* Int4 weights times int8 activations (CPU, AVX512-VNNI): the "w4a8" linear layers.
+/* Int4 weights times int8 activations (CPU, AVX512-VNNI and AVX512-BF16): the "w4a8" linear layers.
  *
  * The bf16 int4 kernel (int4_gemv.c) runs at the bf16 dot-product peak of the CPU once a
  * step has a few rows: VDPBF16PS does 32 multiply-adds per instruction. VPDPBUSD does 64
@@ -17,8 +17,8 @@
  * in its high one. Masking the 64 bytes with 0x0f gives, in 32-bit lane r, the codes of
  * columns k..k+3 of row r; shifting right by 4 first gives columns k+4..k+7.
  *
- * Returns 1 without AVX512-VNNI (the caller keeps its reference path), 2 when the
- * scratch could not be allocated.
+ * Returns 1 without AVX512-VNNI and AVX512-BF16 (the caller keeps its reference path), 2
+ * when the scratch could not be allocated.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -51,7 +51,8 @@ static void a8_quantize_row_scalar(const uint16_t *x, int8_t *xq, float *a, floa
             sum += f;
             amax = fabsf(f) > amax ? fabsf(f) : amax;
         }
-        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        if (isinf(inv)) inv = 0.0f; /* max|x| below 127 / FLT_MAX: every code rounds to 0 */
         int32_t qs = 0;
         for (int64_t k = k0; k < k0 + G; k++) {
             int32_t q = 0;
@@ -74,7 +75,7 @@ static void a8_quantize_row_scalar(const uint16_t *x, int8_t *xq, float *a, floa
  * added in another order, which only the zero-point term sees. */
 static void a8_quantize_row(const uint16_t *x, int8_t *xq, float *a, float *xsum, int32_t *xqsum, int64_t K,
                             int64_t G) {
-    if (G % 16) {
+    if (G % 16 || G > 256) { /* v[] holds at most 256 inputs */
         a8_quantize_row_scalar(x, xq, a, xsum, xqsum, K, G);
         return;
     }
@@ -92,7 +93,8 @@ static void a8_quantize_row(const uint16_t *x, int8_t *xq, float *a, float *xsum
             vsum = _mm512_add_ps(vsum, v[c]);
         }
         const float amax = _mm512_reduce_max_ps(vmax);
-        const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        const float inv1 = amax > 0.0f ? 127.0f / amax : 0.0f;
+        const __m512 inv = _mm512_set1_ps(isinf(inv1) ? 0.0f : inv1); /* as in the scalar version */
         __m512i qsum = _mm512_setzero_si512();
         for (int64_t c = 0; c < nch; c++) {
             const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(v[c], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
