@@ -324,20 +324,27 @@ def bf16_gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return y
 
 
-@functools.cache
-def int4_available() -> bool:
-    """Whether this machine runs the int4 kernel (a C compiler and AVX512-BF16)."""
+def _probe_int4(kernel: str, pack) -> bool:
+    """Whether an int4 kernel gets a tiny product right: codes 9 with scale 1 and zero 0
+    are weights of 1 ((9 - 8) * 1 + 0), and ones are exact in int8 too, so 40 per output."""
 
     def run(lib: ctypes.CDLL) -> bool:
-        codes = torch.full((3, 40), 9, dtype=torch.uint8)
-        packed = int4_pack(codes, 32)
+        packed = pack(torch.full((3, 40), 9, dtype=torch.uint8), 32)
         sz = torch.tensor([1.0, 0.0], dtype=torch.bfloat16).expand(2, 3, 2).contiguous()
         x = torch.ones(1, 40, dtype=torch.bfloat16)
         y = torch.empty(1, 3, dtype=torch.bfloat16)
-        ok = lib.int4_gemm_bf16(x.data_ptr(), packed.data_ptr(), sz.data_ptr(), y.data_ptr(), 1, 3, 40, 32, 1)
-        return ok == 0 and bool((y == 40).all())  # (9 - 8) * 1 + 0 per weight
+        rc = getattr(lib, kernel)(
+            x.data_ptr(), packed.data_ptr(), sz.data_ptr(), y.data_ptr(), 1, 3, 40, 32, 1
+        )
+        return rc == 0 and bool((y == 40).all())
 
     return _probe(run)
+
+
+@functools.cache
+def int4_available() -> bool:
+    """Whether this machine runs the int4 kernel (a C compiler and AVX512-BF16)."""
+    return _probe_int4("int4_gemm_bf16", int4_pack)
 
 
 def _pack_codes(codes: torch.Tensor, group_size: int, step: int) -> torch.Tensor:
@@ -426,19 +433,7 @@ def int4_mm(
 @functools.cache
 def int4a8_available() -> bool:
     """Whether this machine runs the w4a8 kernel (a C compiler, AVX512-VNNI and AVX512-BF16)."""
-
-    def run(lib: ctypes.CDLL) -> bool:
-        codes = torch.full((3, 40), 9, dtype=torch.uint8)
-        packed = int4a8_pack(codes, 32)
-        sz = torch.tensor([1.0, 0.0], dtype=torch.bfloat16).expand(2, 3, 2).contiguous()
-        x = torch.ones(1, 40, dtype=torch.bfloat16)
-        y = torch.empty(1, 3, dtype=torch.bfloat16)
-        rc = lib.int4a8_gemm_bf16(
-            x.data_ptr(), packed.data_ptr(), sz.data_ptr(), y.data_ptr(), 1, 3, 40, 32, 1
-        )
-        return rc == 0 and bool((y == 40).all())  # (9 - 8) * 1 per weight, x exact in int8
-
-    return _probe(run)
+    return _probe_int4("int4a8_gemm_bf16", int4a8_pack)
 
 
 def int4a8_pack(codes: torch.Tensor, group_size: int) -> torch.Tensor:
