@@ -94,7 +94,18 @@ def _library() -> ctypes.CDLL | None:
     lib.bf16_gemv.argtypes = [ptr] * 4 + [i64] * 3 + [i32]
     lib.int4_gemm_bf16.argtypes = [ptr] * 4 + [i64] * 4 + [i32]
     lib.int4a8_gemm_bf16.argtypes = [ptr] * 4 + [i64] * 4 + [i32]
-    for name in ("bf16_gemv", "int4_gemm_bf16", "int4a8_gemm_bf16"):
+    # The decode stack (layers/decode_stack.py): its structures travel by pointer.
+    lib.decode_stack_bf16.argtypes = [ptr, ptr, ptr, i64] + [ptr] * 4 + [i64] + [ptr] * 3
+    lib.decode_stack_rmsnorm.argtypes = [ptr] * 4 + [i64, i64, ctypes.c_double, i64]
+    lib.decode_stack_sum.argtypes = [ptr, ptr, i64, i64, i64]
+    for name in (
+        "bf16_gemv",
+        "int4_gemm_bf16",
+        "int4a8_gemm_bf16",
+        "decode_stack_bf16",
+        "decode_stack_rmsnorm",
+        "decode_stack_sum",
+    ):
         getattr(lib, name).restype = ctypes.c_int
     return lib
 

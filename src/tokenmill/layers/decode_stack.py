@@ -71,25 +71,12 @@ class _Dims(ctypes.Structure):
     _fields_ = [(n, _i64) for n in _DIM_NAMES] + [("eps", ctypes.c_double), ("scale", ctypes.c_double)]
 
 
-def _lib() -> ctypes.CDLL | None:
-    lib = cpu_kernels._library()
-    if lib is not None and not getattr(lib, "_decode_stack_typed", False):
-        lib.decode_stack_bf16.argtypes = [_ptr, _ptr, _ptr, _i64] + [_ptr] * 4 + [_i64] + [_ptr] * 3
-        lib.decode_stack_bf16.restype = ctypes.c_int
-        lib.decode_stack_rmsnorm.argtypes = [_ptr] * 4 + [_i64, _i64, ctypes.c_double, _i64]
-        lib.decode_stack_rmsnorm.restype = ctypes.c_int
-        lib.decode_stack_sum.argtypes = [_ptr, _ptr, _i64, _i64, _i64]
-        lib.decode_stack_sum.restype = ctypes.c_int
-        lib._decode_stack_typed = True
-    return lib
-
-
 @functools.cache
 def rmsnorm_lanes(hidden: int, eps: float) -> int | None:
     """The accumulator width with which the C RMSNorm equals PyTorch's bit for bit on
     this machine (ATen's vectorized sum order depends on the vector width it was built
     for and picks at run time), or None."""
-    lib = _lib()
+    lib = cpu_kernels._library()
     if lib is None:
         return None
     g = torch.Generator().manual_seed(0)
@@ -188,7 +175,7 @@ class DecodeStack:
     def build(cls, model: nn.Module) -> tuple[DecodeStack | None, str]:
         """The stack of a LlamaForCausalLM, or (None, why it cannot run)."""
         cfg = model.config
-        lib = _lib()
+        lib = cpu_kernels._library()
         if lib is None:
             return None, "the CPU kernels are not available"
         if not cpu_kernels.paged_decode_available(torch.bfloat16):
@@ -257,7 +244,7 @@ class DecodeStack:
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: Any) -> torch.Tensor | None:
         """x (1, M, C) embeddings -> the stack's output (1, M, C) before the final norm,
         writing the new keys and values to the cache; None when the kernel could not run."""
-        lib = _lib()
+        lib = cpu_kernels._library()
         assert lib is not None
         cache, M = ctx.cache, x.shape[1]
         slots, tables, lens = ctx.slot_mapping, ctx.decode_tables, ctx.decode_lens
@@ -277,10 +264,11 @@ class DecodeStack:
             and sin.is_contiguous()
         ):
             return None
+        (s_lo, s_hi), (t_lo, t_hi), (l_lo, l_hi) = (map(int, torch.aminmax(t)) for t in (slots, tables, lens))
         if not (
-            0 <= int(slots.min()) <= int(slots.max()) < nb * bs
-            and 0 <= int(tables.min()) <= int(tables.max()) < nb
-            and 1 <= int(lens.min()) <= int(lens.max()) <= tables.shape[1] * bs
+            0 <= s_lo <= s_hi < nb * bs
+            and 0 <= t_lo <= t_hi < nb
+            and 1 <= l_lo <= l_hi <= tables.shape[1] * bs
         ):
             raise ValueError("decode step: a slot, block id or length is outside the KV cache")
         out = x.contiguous().clone()

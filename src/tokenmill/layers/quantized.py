@@ -295,13 +295,15 @@ class Int4Linear(nn.Module):
             raise ValueError(f"w4a8 layout must be 'cpu' or 'plain', got {layout!r}")
         self.layout, self.fallback = layout, reason
         # Whether qweight is in the layout of this package's CPU kernel rather than PyTorch's.
-        self.own_kernel = layout == "cpu" and dtype == torch.bfloat16 and cpu_kernels.int4_available()
-        if act8:
-            self.own_kernel = layout == "cpu" and cpu_kernels.int4a8_available()
-            if layout == "cpu" and not self.own_kernel:
-                raise ValueError(
-                    "the w4a8 'cpu' layout needs the w4a8 kernel (a C compiler, AVX512-VNNI and AVX512-BF16)"
-                )
+        self.own_kernel = layout == "cpu" and (
+            cpu_kernels.int4a8_available()
+            if act8
+            else dtype == torch.bfloat16 and cpu_kernels.int4_available()
+        )
+        if act8 and layout == "cpu" and not self.own_kernel:
+            raise ValueError(
+                "the w4a8 'cpu' layout needs the w4a8 kernel (a C compiler, AVX512-VNNI and AVX512-BF16)"
+            )
         if act8 and self.own_kernel:
             qweight = cpu_kernels.int4a8_pack(codes, group_size)
         elif self.own_kernel:
@@ -530,7 +532,8 @@ def quantize_model(
     if mode in ("int4", "w4a8"):
         check_group_size(group_size)
     report = QuantizationReport(mode, group_size if mode in ("int4", "w4a8") else None)
-    # A C decode stack built before holds pointers to the old weights: build it afresh.
+    # A C decode stack built before holds the old weights: drop it, so that each is freed as
+    # its layer is replaced (a new stack is built for the quantized layers when next needed).
     model.__dict__.pop("_decode_stack", None)
     # Names only: holding the modules themselves would keep every old weight alive.
     names = [name for name, m in model.named_modules() if _linear_weight(m) is not None]
