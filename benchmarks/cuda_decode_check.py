@@ -9,7 +9,8 @@
    that the packaged tokenizer serves it: 1.07 B parameters, random bf16 weights.
    - batch-1 decode tokens/s over 128 new tokens, against the limit: copy bandwidth over
      the bytes a decode step must read (every parameter once; the tied embedding is the
-     LM head);
+     LM head); the same with ``enforce_eager`` (no CUDA graphs), which must give the same
+     greedy tokens;
    - output tokens/s of 64 prompts of 256 tokens with 128 new tokens each, through one
      ``LLM.generate``, against transformers' padded ``generate`` of the same batch.
 
@@ -118,22 +119,38 @@ def decode_and_throughput(model_dir: str, device: str, rounds: int, tiny: bool, 
     from tokenmill import LLM, SamplingParams
 
     batch, prompt_len, new = (4, 16, 8) if tiny else (64, 256, 128)
-    llm = LLM(model_dir, dtype="bfloat16", device=device, max_batch_size=batch, max_num_batched_tokens=4096)
+    # a fixed KV budget: the default (80% of free memory) would leave transformers little
+    kv = None if tiny else 8 << 30
+    kw = dict(dtype="bfloat16", device=device, max_num_batched_tokens=4096, kv_cache_memory=kv)
+    llm = LLM(model_dir, max_batch_size=batch, **kw)
+    graphs = llm.engine.runner.graphs
     model = llm.engine.runner.model
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights once
     limit = bandwidth / weight_bytes
     g = torch.Generator().manual_seed(0)
     single = torch.randint(3, 400, (8,), generator=g).tolist()
     sp1 = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
-    llm.generate([single], sp1)  # warm-up
-    rates = [llm.generate([single], sp1)[0].metrics.decode_tokens_per_s for _ in range(rounds)]
-    decode = statistics.median(rates)
+
+    def b1(engine: LLM) -> tuple[float, list[int]]:
+        engine.generate([single], sp1)  # warm-up
+        outs = [engine.generate([single], sp1)[0] for _ in range(rounds)]
+        return statistics.median(o.metrics.decode_tokens_per_s for o in outs), outs[0].outputs[0].token_ids
+
+    decode, tokens = b1(llm)
+    # the same steps without CUDA graphs: what the graphs bring, and the same greedy tokens
+    eager = LLM(model_dir, max_batch_size=1, enforce_eager=True, **kw)
+    decode_eager, tokens_eager = b1(eager)
+    del eager
     res = {
         "params": sum(p.numel() for p in model.parameters()),
         "weight_bytes_per_token": weight_bytes,
         "decode_limit_tok_s": limit,
         "decode_b1_tok_s": decode,
         "decode_fraction_of_limit": decode / limit,
+        "cuda_graphs": None if graphs is None else {"sizes": graphs.sizes, "capture_s": graphs.capture_s},
+        "graphs_off_reason": llm.engine.graphs_reason or None,
+        "decode_b1_eager_tok_s": decode_eager,
+        "greedy_tokens_match_eager": tokens == tokens_eager,
     }
     print("batch-1 decode", json.dumps(res), flush=True)
 
@@ -188,6 +205,7 @@ def run(device: str, rounds: int, tiny: bool, copy_gib: float, skip_correctness:
     result["targets"] = {
         "decode_at_least_70pct_of_limit": r["decode_fraction_of_limit"] >= 0.7,
         "throughput_at_least_5x_transformers": r["throughput_ratio"] >= 5,
+        "graphs_give_the_eager_tokens": r["greedy_tokens_match_eager"],
     }
     print("targets", json.dumps(result["targets"]), flush=True)
     return result

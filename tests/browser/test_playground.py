@@ -426,9 +426,7 @@ def test_keyboard_and_narrow_screen(narrow_page):
     page.set_params(max_tokens=4, min_tokens=4)
     page.el("#prompt").click()
     page.el("#prompt").send_keys(Keys.CONTROL, Keys.ENTER)
-    page.wait(
-        lambda: page.text("#stat-finish") not in ("", "–", "streaming…"), 30, "Ctrl+Enter to generate"
-    )
+    page.wait(lambda: page.text("#stat-finish") not in ("", "–", "streaming…"), 30, "Ctrl+Enter to generate")
     assert page.text("#stat-finish") == "length"
     # every control has a label the browser knows
     unlabelled = page.js(

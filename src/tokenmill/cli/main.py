@@ -179,6 +179,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
     g.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="on CUDA, run decode steps eagerly instead of replaying captured CUDA graphs",
+    )
+    g.add_argument(
         "--max-waiting",
         type=int,
         default=1024,

@@ -9,12 +9,14 @@ prompt's cached blocks.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from tokenmill.generation import cuda_graphs
 from tokenmill.generation.dense_engine import Sequence, _append, _emit
 from tokenmill.generation.errors import check_context
 from tokenmill.generation.kv_manager import KVCacheManager, cdiv
@@ -28,6 +30,8 @@ from tokenmill.generation.stats import EngineStats, FinishedRequestStats, StepSt
 from tokenmill.generation.stop import StopStringMatcher
 from tokenmill.tokenization.detokenizer import IncrementalDetokenizer
 from tokenmill.utils.devices import available_memory_bytes
+
+log = logging.getLogger(__name__)
 
 # Share of free memory the KV cache takes when no budget is given, and the cap on CPU
 # (where the pool is ordinary RAM that the rest of the machine needs too).
@@ -53,6 +57,8 @@ class EngineConfig:
     max_waiting: int | None = None
     #: quantization of the linear layers: "int8", "int4", "w4a8" or None
     quantization: str | None = None
+    #: run CUDA decode steps eagerly instead of replaying captured CUDA graphs
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         from tokenmill.layers.quantized import check_quantization
@@ -66,6 +72,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be True or False, got {self.enforce_eager!r}")
         if self.max_waiting is not None and (not isinstance(self.max_waiting, int) or self.max_waiting < 0):
             raise ValueError(f"max_waiting must be an integer >= 0 or None, got {self.max_waiting!r}")
 
@@ -127,7 +135,15 @@ class LLMEngine:
             from tokenmill.layers import cpu_kernels
 
             cpu_kernels.paged_decode_available(self.dtype)
-        self.cache = self.runner.new_paged_cache(num_blocks, bs)
+        c = loaded.config
+        graphs, self.graphs_reason = cuda_graphs.wanted(
+            self.device, c.head_dim, c.head_dim, bs, config.enforce_eager
+        )
+        # With graphs the pool gets one block more than the block manager knows: padding
+        # rows of a replayed batch write there.
+        self.cache = self.runner.new_paged_cache(num_blocks + int(graphs), bs)
+        if graphs:
+            self._capture_graphs(num_blocks)
         # On CPU the pool's pages are mapped as first written (layers/paged_attention.py):
         # recycle warm blocks before growing into new memory (generation/block_pool.py).
         self.kv = KVCacheManager(
@@ -140,6 +156,17 @@ class LLMEngine:
         self.last_stats = StepStats()
         # Requests ended between steps (aborts), reported with the next step's stats.
         self._ended_between_steps: list[FinishedRequestStats] = []
+
+    def _capture_graphs(self, scratch_block: int) -> None:
+        sizes = cuda_graphs.graph_batch_sizes(self.config.max_num_seqs)
+        try:
+            self.runner.graphs = cuda_graphs.DecodeGraphs(
+                self.runner.forward, self.cache, scratch_block, self.max_model_len, sizes
+            )
+        except RuntimeError as e:
+            # A model whose forward cannot be captured still serves, eagerly.
+            self.graphs_reason = f"capture failed: {e}"
+            log.warning("decode steps run eagerly: CUDA graph %s", self.graphs_reason)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:

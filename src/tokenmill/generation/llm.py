@@ -38,6 +38,9 @@ class LLM:
             (weight-only; activations stay in ``dtype``), "w4a8" for int4 weights with the
             activations rounded to int8 per group as each layer runs, or None. See
             docs/quantization.md.
+        enforce_eager: on CUDA, run decode steps eagerly instead of replaying the CUDA
+            graphs captured at start-up (one per decode batch size up to
+            ``max_batch_size``).
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class LLM:
         kv_cache_memory: int | None = None,
         enable_prefix_caching: bool = True,
         quantization: str | None = None,
+        enforce_eager: bool = False,
     ) -> None:
         from tokenmill.weights.model_loader import load_model
 
@@ -63,6 +67,7 @@ class LLM:
             kv_cache_memory=kv_cache_memory,
             enable_prefix_caching=enable_prefix_caching,
             quantization=quantization,
+            enforce_eager=enforce_eager,
         )
         loaded = load_model(
             model, dtype=dtype, device=device, revision=revision, quantization=config.quantization

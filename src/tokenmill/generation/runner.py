@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from tokenmill.generation.cuda_graphs import DecodeGraphs
 from tokenmill.generation.scheduler import ScheduledRequest
 from tokenmill.layers.attention import DenseAttention, DenseKVCache
 from tokenmill.layers.paged_attention import PagedAttention, PagedKVCache, PrefillChunk
@@ -19,6 +20,8 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self._cpu_bf16 = device.type == "cpu" and dtype == torch.bfloat16
+        #: captured decode steps (generation/cuda_graphs.py), set by the engine on CUDA
+        self.graphs: DecodeGraphs | None = None
 
     @property
     def max_model_len(self) -> int:
@@ -43,6 +46,8 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, list[ScheduledRequest]]:
         """One forward pass over every scheduled token. Returns the logits of the
         requests that sample this step, and those requests in the same order."""
+        if self.graphs is not None and self.graphs.accepts(scheduled):
+            return self.graphs.run(scheduled, block_tables)
         bs = cache.block_size
         singles = [s for s in scheduled if s.num_new_tokens == 1]
         chunks = [s for s in scheduled if s.num_new_tokens > 1]

@@ -13,6 +13,9 @@ import torch
 from tokenmill.generation import logits_processors as lp
 from tokenmill.generation.sampling_params import SamplingParams
 
+#: per-row parameters, each an (R,) tensor when some row needs it and None otherwise
+_ROW_PARAMS = ("greedy", "temperature", "top_k", "top_p", "min_p", "rep", "presence", "frequency")
+
 
 @dataclass
 class SampleResult:
@@ -42,20 +45,37 @@ class SamplingBatch:
         self.eos_ids = eos_ids
         R = len(params)
         f32 = dict(dtype=torch.float32, device=device)
-        self.greedy = torch.tensor([p.greedy for p in params], dtype=torch.bool, device=device)
         self.all_greedy = all(p.greedy for p in params)
-        self.temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], **f32)
         self.use_top_k = any(0 < p.top_k < vocab_size for p in params)
-        self.top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], device=device)
         self.use_top_p = any(p.top_p < 1.0 for p in params)
-        self.top_p = torch.tensor([p.top_p for p in params], **f32)
         self.use_min_p = any(p.min_p > 0.0 for p in params)
-        self.min_p = torch.tensor([p.min_p for p in params], **f32)
         self.use_rep = any(p.repetition_penalty != 1.0 for p in params)
-        self.rep = torch.tensor([p.repetition_penalty for p in params], **f32)
         self.use_pf = any(p.presence_penalty or p.frequency_penalty for p in params)
-        self.presence = torch.tensor([p.presence_penalty for p in params], **f32)
-        self.frequency = torch.tensor([p.frequency_penalty for p in params], **f32)
+        # The per-row values only the processors in use read, built in one host tensor and
+        # moved in one copy: each small copy to a GPU waits for the work queued before it.
+        # (top-k as float32 is exact: vocabularies are far below 2**24.)
+        cols: dict[str, list[float]] = {}
+        if not self.all_greedy:
+            cols["greedy"] = [float(p.greedy) for p in params]
+            cols["temperature"] = [1.0 if p.greedy else p.temperature for p in params]
+        if self.use_top_k:
+            cols["top_k"] = [float(p.top_k if p.top_k > 0 else vocab_size) for p in params]
+        if self.use_top_p:
+            cols["top_p"] = [p.top_p for p in params]
+        if self.use_min_p:
+            cols["min_p"] = [p.min_p for p in params]
+        if self.use_rep:
+            cols["rep"] = [p.repetition_penalty for p in params]
+        if self.use_pf:
+            cols["presence"] = [p.presence_penalty for p in params]
+            cols["frequency"] = [p.frequency_penalty for p in params]
+        values = torch.tensor(list(cols.values()), dtype=torch.float32).to(device) if cols else None
+        for name in _ROW_PARAMS:
+            setattr(self, name, values[list(cols).index(name)] if name in cols else None)
+        if self.greedy is not None:
+            self.greedy = self.greedy.bool()
+        if self.top_k is not None:
+            self.top_k = self.top_k.long()
         self.seen = None
         if self.use_rep:
             self.seen = torch.zeros(R, vocab_size, dtype=torch.bool, device=device)
@@ -82,9 +102,7 @@ class SamplingBatch:
         idx = torch.tensor(rows, dtype=torch.long, device=self.device)
         self.params = [self.params[r] for r in rows]
         self.generators = [self.generators[r] for r in rows]
-        for name in ("greedy", "temperature", "top_k", "top_p", "min_p", "rep", "presence", "frequency"):
-            setattr(self, name, getattr(self, name).index_select(0, idx))
-        for name in ("seen", "counts", "bias"):
+        for name in (*_ROW_PARAMS, "seen", "counts", "bias"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.index_select(0, idx))

@@ -51,6 +51,7 @@ def engine_config(args: argparse.Namespace) -> Any:
         enable_prefix_caching=not args.no_prefix_caching,
         max_waiting=args.max_waiting,
         quantization=args.quantization,
+        enforce_eager=args.enforce_eager,
     )
 
 
