@@ -126,6 +126,7 @@ def _both(model, x, positions, ctx, monkeypatch):
     [
         (None, [5]),
         (None, [9, 1, 30, 17]),
+        (None, [9, 1, 30, 17, 3, 22, 8, 5, 12]),  # bf16 past 4 rows: the tiled product
         ("int4", [5]),
         ("int4", [3, 40, 1, 8, 19, 2, 11]),
         ("w4a8", [3, 40, 1, 8, 19, 2, 11, 6, 5, 4]),
@@ -141,7 +142,16 @@ def test_stack_equals_layer_by_layer(arch, quant, lens, monkeypatch):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("quant,lens", [(None, [7]), (None, [9, 30, 17, 5]), ("w4a8", [9, 30, 17, 5, 40, 2])])
+@pytest.mark.parametrize(
+    "quant,lens",
+    [
+        (None, [7]),
+        (None, [9, 30, 17, 5]),
+        (None, [9, 30, 17, 5, 1, 2, 33, 8, 4, 6, 12, 20, 3, 7, 11, 25]),
+        (None, [(7 * i) % 41 + 1 for i in range(64)]),
+        ("w4a8", [9, 30, 17, 5, 40, 2]),
+    ],
+)
 def test_stack_equals_layer_by_layer_at_smollm2_widths(quant, lens, monkeypatch):
     model = _model("llama", quant, wide=True)
     x, positions, ctx = _step(model, lens)
@@ -150,6 +160,13 @@ def test_stack_equals_layer_by_layer_at_smollm2_widths(quant, lens, monkeypatch)
     assert torch.equal(out, ref)
     for a, b in zip(ctx.cache.k + ctx.cache.v, ref_ctx.cache.k + ref_ctx.cache.v):
         assert torch.equal(a, b)
+
+
+def test_bf16_stack_takes_the_rows_its_layers_send_to_the_kernel():
+    stack, _ = DecodeStack.build(_model("llama", None))
+    assert stack.max_rows == cpu_kernels.BF16_TILE_MAX_ROWS == 64
+    stack, _ = DecodeStack.build(_model("llama", "int4"))
+    assert stack.max_rows == 256
 
 
 def test_unpacked_bf16_layers_run_layer_by_layer():
@@ -177,7 +194,7 @@ def test_mistral_window_is_applied():
 @pytest.mark.parametrize(
     "case,why",
     [
-        ("bf16 rows", None),  # 5 rows of bf16 weights: more than the GEMV kernel takes
+        ("bf16 rows", None),  # 65 rows of bf16 weights: more than the bf16 kernel takes
         ("chunk", None),  # a prefill chunk in the step
         ("no kernels", None),  # the reference path was asked for
         ("qwen3", "per-head q/k norms"),
@@ -185,7 +202,7 @@ def test_mistral_window_is_applied():
 )
 def test_steps_the_stack_does_not_take_run_layer_by_layer(case, why, monkeypatch):
     model = _model("qwen3" if case == "qwen3" else "llama", None)
-    lens = [4, 6, 9, 2, 7] if case == "bf16 rows" else [4, 6]
+    lens = [(5 * i) % 13 + 1 for i in range(65)] if case == "bf16 rows" else [4, 6]
     x, positions, ctx = _step(model, lens, chunk=case == "chunk")
     if case == "chunk":  # the chunk's token rides along as a sixth row
         x = torch.cat([x, x[:, :1]], dim=1)

@@ -34,7 +34,22 @@ def _assert_bf16_close(
 
 
 # -- bf16 GEMV ---------------------------------------------------------------------------------------------
-BF16_SHAPES = [(1, 1, 1), (1, 200, 96), (2, 37, 1000), (3, 5, 33), (4, 576, 576), (1, 13, 31), (4, 7, 65)]
+BF16_SHAPES = [
+    (1, 1, 1),
+    (1, 200, 96),
+    (2, 37, 1000),
+    (3, 5, 33),
+    (4, 576, 576),
+    (1, 13, 31),
+    (4, 7, 65),
+    # the tiled product: row counts past each tile of 4, weight rows past each tile and block
+    (5, 37, 1000),
+    (6, 3, 31),
+    (13, 17, 65),
+    (16, 576, 576),
+    (33, 70, 96),
+    (64, 100, 2048),
+]
 
 
 @needs_bf16
@@ -51,23 +66,43 @@ def test_bf16_gemv_equals_the_float32_product(M, N, K, bias):
 
 
 @needs_bf16
+def test_bf16_tiled_rows_do_not_depend_on_the_other_rows():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 300, generator=g).to(torch.bfloat16)
+    w = torch.randn(45, 300, generator=g).to(torch.bfloat16)
+    first = cpu_kernels.bf16_gemv(x[:5], w)
+    for M in (6, 8, 17, 64):
+        got = cpu_kernels.bf16_gemv(x[:M], w)
+        assert torch.equal(got[:5], first), M
+        # and rows in a different place of their tile give the same result
+        assert torch.equal(cpu_kernels.bf16_gemv(x[M - 5 : M].contiguous(), w), got[M - 5 : M]), M
+
+
+@needs_bf16
 def test_bf16_gemv_rejects_what_does_not_fit():
-    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    x = torch.randn(65, 16, dtype=torch.bfloat16)
     w = torch.randn(8, 16, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match=r"bf16_gemv: x \(5, 16\) torch.bfloat16.*1 to 4 rows"):
+    with pytest.raises(
+        ValueError, match=r"bf16_gemv: x \(65, 16\) torch.bfloat16.*1 to 4 rows, or up to 64 rows"
+    ):
         cpu_kernels.bf16_gemv(x, w)
+    wide = torch.randn(5, 2049, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"x \(5, 2049\).*of at most 2048 inputs"):
+        cpu_kernels.bf16_gemv(wide, torch.randn(3, 2049, dtype=torch.bfloat16))
+    assert cpu_kernels.bf16_gemv(wide[:4], torch.randn(3, 2049, dtype=torch.bfloat16)).shape == (4, 3)
     with pytest.raises(ValueError, match=r"weight \(8, 16\) torch.float32 do not fit"):
         cpu_kernels.bf16_gemv(x[:1], w.float())
 
 
 @needs_bf16
-@pytest.mark.parametrize("rows", [1, 2, 4, 5])
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 64, 65])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_takes_the_kernel_for_few_rows(rows, bias, monkeypatch):
+@pytest.mark.parametrize("shape", [(100, 70), (2100, 8), (576, 14600)], ids=["small", "wide", "big"])
+def test_packed_linear_takes_the_kernel_for_few_rows(rows, bias, shape, monkeypatch):
     torch.manual_seed(0)
-    plain = nn.Linear(100, 70, bias=bias).to(torch.bfloat16)
+    plain = nn.Linear(*shape, bias=bias).to(torch.bfloat16)
     model = nn.Sequential(plain)
-    x = torch.randn(1, rows, 100, dtype=torch.bfloat16)
+    x = torch.randn(1, rows, shape[0], dtype=torch.bfloat16)
     w, b = plain.weight.detach().float(), None if plain.bias is None else plain.bias.detach().float()
     ref = F.linear(x.float(), w, b)
     if not pack_linears_for_onednn(model):
@@ -78,8 +113,10 @@ def test_packed_linear_takes_the_kernel_for_few_rows(rows, bias, monkeypatch):
     monkeypatch.setattr(cpu_kernels, "bf16_gemv", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         got = model[0](x)
-    assert bool(calls) == (rows <= cpu_kernels.BF16_GEMV_MAX_ROWS)
-    assert got.shape == (1, rows, 70)
+    # past 4 rows the tiled product takes layers of at most 2048 inputs and 8M weights
+    assert model[0].kernel_rows() == (64 if shape == (100, 70) else 4)
+    assert bool(calls) == (rows <= model[0].kernel_rows())
+    assert got.shape == (1, rows, shape[1])
     _assert_bf16_close(got, ref, x.float().abs() @ w.abs().t() + (0 if b is None else b.abs()))
 
 

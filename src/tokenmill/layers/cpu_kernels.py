@@ -271,8 +271,18 @@ def kv_write(
 
 # -- few-row linear layers (bf16 activations, CPU) -----------------------------------------
 
-#: Most rows the bf16 GEMV kernel takes (BF16_MAX_M in kernels/bf16_gemv.c).
+#: Most rows the bf16 kernel streams (BF16_MAX_M in kernels/bf16_gemv.c)...
 BF16_GEMV_MAX_ROWS = 4
+#: ...and most rows and inputs of its tiled product (BF16_TILE_MAX_M, BF16_TILE_MAX_K).
+BF16_TILE_MAX_ROWS = 64
+BF16_TILE_MAX_K = 2048
+
+
+def bf16_gemv_fits(rows: int, in_features: int) -> bool:
+    """Whether ``bf16_gemv`` takes ``rows`` activation rows of ``in_features`` inputs."""
+    return 1 <= rows <= BF16_GEMV_MAX_ROWS or (rows <= BF16_TILE_MAX_ROWS and in_features <= BF16_TILE_MAX_K)
+
+
 #: Output rows per block of the int4 layout (I4_ROWS in kernels/int4_gemv.c).
 INT4_BLOCK_ROWS = 16
 
@@ -303,14 +313,14 @@ def bf16_gemv_available() -> bool:
 
 
 def bf16_gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x2, weight, bias)`` for a contiguous bf16 CPU ``x2`` (M, K) of at most
-    ``BF16_GEMV_MAX_ROWS`` rows and a contiguous (N, K) bf16 weight, summed in float32."""
+    """``F.linear(x2, weight, bias)`` for a contiguous bf16 CPU ``x2`` (M, K) and a
+    contiguous (N, K) bf16 weight, summed in float32, where ``bf16_gemv_fits(M, K)``."""
     lib = _library()
     M, K = x2.shape
     N = weight.shape[0]
     if not (
         lib is not None
-        and 1 <= M <= BF16_GEMV_MAX_ROWS
+        and bf16_gemv_fits(M, K)
         and x2.dtype == weight.dtype == torch.bfloat16
         and x2.is_contiguous()
         and weight.is_contiguous()
@@ -319,7 +329,8 @@ def bf16_gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     ):
         raise ValueError(
             f"bf16_gemv: x {tuple(x2.shape)} {x2.dtype}, weight {tuple(weight.shape)} {weight.dtype} "
-            f"do not fit the kernel (contiguous bfloat16, 1 to {BF16_GEMV_MAX_ROWS} rows)"
+            f"do not fit the kernel (contiguous bfloat16, 1 to {BF16_GEMV_MAX_ROWS} rows, or up to "
+            f"{BF16_TILE_MAX_ROWS} rows of at most {BF16_TILE_MAX_K} inputs)"
         )
     y = torch.empty(M, N, dtype=torch.bfloat16)
     lib.bf16_gemv(

@@ -184,7 +184,7 @@ class DecodeStack:
             return None, "per-head q/k norms"
         keep: list[torch.Tensor] = []
         layers = (_Layer * cfg.num_layers)()
-        any_bf16 = False
+        max_rows = 256  # the int4 kernels' limit
         for i, layer in enumerate(model.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
             if mlp.act is not F.silu or attn.head_dim != cfg.head_dim:
@@ -193,7 +193,9 @@ class DecodeStack:
             lins = [_linear(m, keep) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
             if None in norms or None in lins:
                 return None, f"layer {i} has a norm or linear layer the C stack does not take"
-            any_bf16 |= any(lin.group == 0 for lin in lins)
+            for lin, m in zip(lins, (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
+                if lin.group == 0:  # bf16: the rows the layer itself sends to bf16_gemv
+                    max_rows = min(max_rows, m.kernel_rows())
             layers[i] = _Layer(*norms, *lins, attn.window or 0)
             scale = attn.scale
         lanes = rmsnorm_lanes(cfg.hidden_size, cfg.norm_eps)
@@ -212,8 +214,6 @@ class DecodeStack:
             cfg.norm_eps,
             scale,
         )
-        # bf16 weights go through the GEMV kernel, which takes at most this many rows.
-        max_rows = cpu_kernels.BF16_GEMV_MAX_ROWS if any_bf16 else 256
         return cls(layers, dims, keep, max_rows), ""
 
     def _cache_pointers(self, cache: Any) -> tuple[Any, Any]:

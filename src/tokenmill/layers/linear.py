@@ -75,27 +75,41 @@ def split_linears(model: nn.Module, parts: int) -> None:
                 setattr(module, child_name, TiedSplitEmbedding(replaced[id(child.weight)]))
 
 
+#: the largest weight (elements) the tiled bf16 product takes (OneDNNPackedLinear.kernel_rows)
+_TILE_MAX_WEIGHTS = 1 << 23
+
+
 class OneDNNPackedLinear(nn.Linear):
     """A CPU bfloat16 or float32 ``nn.Linear`` that also keeps its weight pre-packed for oneDNN.
 
     With a plain weight, oneDNN reorders it into its blocked layout on every call; for
     the few rows of a batched decode step that reorder costs more than the product.
     Packing once at load time removes it. A single row still takes the plain weight, so
-    the layer holds both: in bfloat16, up to ``cpu_kernels.BF16_GEMV_MAX_ROWS`` rows go to
-    the package's GEMV kernel (kernels/bf16_gemv.c: it streams the plain weight at 2.4-4.5x
-    the speed of ATen's GEMV and 1.1-3x oneDNN's for one row on one core of this project's
-    AVX-512 machine), else one row goes to ATen's GEMV. In
+    the layer holds both: in bfloat16, up to ``kernel_rows()`` rows go to the package's
+    kernel (kernels/bf16_gemv.c: for 1-4 rows it streams the plain weight at 2.4-4.5x the
+    speed of ATen's GEMV and 1.1-3x oneDNN's for one row on one core of this project's
+    AVX-512 machine; for 5-64 rows a tiled product runs 1.1-1.3x oneDNN's up to 32 rows
+    and 0.9x at 64), else one row goes to ATen's GEMV. In
     float32 the packed product is also about 1.7x faster than ATen's for the 10-40 rows of
     an encoder call on one sentence (measured on this project's 2-core AVX512 machine).
     """
 
     packed: torch.Tensor
 
+    def kernel_rows(self) -> int:
+        """Most rows this layer sends to ``cpu_kernels.bf16_gemv`` (the decode stack runs
+        the same kernel for the same rows, so the two agree bit for bit). Past the
+        streaming kernel's 4 rows, the tiled product takes layers of up to 8M weights: a
+        bigger weight (an LM head) streams faster through oneDNN."""
+        if self.in_features <= cpu_kernels.BF16_TILE_MAX_K and self.weight.numel() <= _TILE_MAX_WEIGHTS:
+            return cpu_kernels.BF16_TILE_MAX_ROWS
+        return cpu_kernels.BF16_GEMV_MAX_ROWS
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         rows = x.numel() // self.in_features
         if (
-            1 <= rows <= cpu_kernels.BF16_GEMV_MAX_ROWS
+            1 <= rows <= self.kernel_rows()
             and x.dtype == self.weight.dtype == torch.bfloat16
             and x.is_contiguous()
             and self.weight.is_contiguous()

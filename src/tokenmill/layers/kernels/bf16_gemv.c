@@ -1,4 +1,4 @@
-/* bfloat16 linear layers for the few rows of a decode step (CPU).
+/* bfloat16 linear layers for the rows of a decode step (CPU).
  *
  *   y[m, n] = bf16(b[n] + sum_k x[m, k] * w[n, k])      x (M, K), w (N, K), y (M, N)
  *
@@ -19,8 +19,15 @@
 
 /* Weight rows per block, the unit of work of the OpenMP loop. */
 #define BF16_ROWS 16
-/* Most activation rows one call takes. */
+/* Most activation rows the streaming GEMV takes; from 5 rows on, the tiled product. */
 #define BF16_MAX_M 4
+/* Most activation rows and inputs the tiled product takes: past them oneDNN's blocked
+ * GEMM is faster (its activations no longer fit the L1 cache next to the weights). */
+#define BF16_TILE_MAX_M 64
+#define BF16_TILE_MAX_K 2048
+/* The tiled product's tile: activation rows by weight rows, one float32 accumulator each. */
+#define BF16_TILE_M 4
+#define BF16_TILE_N 4
 /* Below this many weights the OpenMP team costs more than the second core saves. */
 #define BF16_PARALLEL_MIN (1 << 15)
 
@@ -106,13 +113,81 @@ static void bf16_block(const uint16_t *x, const uint16_t *w, const uint16_t *b, 
     }
 }
 
-/* x (M, K), w (N, K), b (N,) or NULL, y (M, N): all bfloat16, contiguous. */
+/* The tiled product for 5 to BF16_TILE_MAX_M rows: a tile of MB activation rows by
+ * BF16_TILE_N weight rows keeps one accumulator per output, so each weight load serves
+ * MB products and each activation load BF16_TILE_N (half a load per VDPBF16PS, against
+ * 1.25 in the streaming loop). Every output sums its 32-lane chunks in k order into one
+ * accumulator and then its lanes, whatever the tile it falls in: a row's result does not
+ * depend on the other rows of the call. The weight rows BF16_TILE_N ahead are prefetched
+ * while a tile computes (measured on 30 SmolLM2-sized layers, weights from memory:
+ * 1.2-1.3x oneDNN's packed GEMM at 5-16 rows, 1.1x at 32, 0.9x at 64). */
+#define BF16_TILE(MB)                                                                              \
+    do {                                                                                           \
+        __m512 acc[MB][BF16_TILE_N];                                                               \
+        for (int i = 0; i < MB; i++)                                                               \
+            for (int j = 0; j < BF16_TILE_N; j++) acc[i][j] = _mm512_setzero_ps();                 \
+        int64_t k = 0;                                                                             \
+        for (; k + 32 <= K; k += 32) {                                                             \
+            __m512i wv[BF16_TILE_N];                                                               \
+            for (int j = 0; j < BF16_TILE_N; j++) {                                                \
+                wv[j] = _mm512_loadu_si512(wr[j] + k);                                             \
+                _mm_prefetch((const char *)(wr[j] + BF16_TILE_N * K + k), _MM_HINT_T0);            \
+            }                                                                                      \
+            for (int i = 0; i < MB; i++) {                                                         \
+                const __m512i xv = _mm512_loadu_si512(xm + i * K + k);                             \
+                for (int j = 0; j < BF16_TILE_N; j++) BF16_MAC(acc[i][j], xv, wv[j]);              \
+            }                                                                                      \
+        }                                                                                          \
+        if (k < K) { /* the last K % 32 columns, masked: the lanes past K read as zeros */         \
+            __m512i wv[BF16_TILE_N];                                                               \
+            for (int j = 0; j < BF16_TILE_N; j++) wv[j] = _mm512_maskz_loadu_epi16(tail, wr[j] + k); \
+            for (int i = 0; i < MB; i++) {                                                         \
+                const __m512i xv = _mm512_maskz_loadu_epi16(tail, xm + i * K + k);                 \
+                for (int j = 0; j < BF16_TILE_N; j++) BF16_MAC(acc[i][j], xv, wv[j]);              \
+            }                                                                                      \
+        }                                                                                          \
+        for (int i = 0; i < MB; i++)                                                               \
+            for (int j = 0; j < nw; j++)                                                           \
+                y[(m0 + i) * N + n + j] =                                                          \
+                    bf16_round(_mm512_reduce_add_ps(acc[i][j]) + (b ? bf16_widen(b[n + j]) : 0.0f)); \
+    } while (0)
+
+static void bf16_tile_block(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16_t *y, int64_t M,
+                            int64_t N, int64_t K, int64_t blk) {
+    const __mmask32 tail = (__mmask32)((1ull << (K % 32)) - 1);
+    const int64_t end = (blk + 1) * BF16_ROWS < N ? (blk + 1) * BF16_ROWS : N;
+    for (int64_t n = blk * BF16_ROWS; n < end; n += BF16_TILE_N) {
+        const int nw = end - n < BF16_TILE_N ? (int)(end - n) : BF16_TILE_N;
+        /* past the last weight row, repeat it: computed, never stored */
+        const uint16_t *wr[BF16_TILE_N];
+        for (int j = 0; j < BF16_TILE_N; j++) wr[j] = w + (n + (j < nw ? j : nw - 1)) * K;
+        for (int64_t m0 = 0; m0 < M; m0 += BF16_TILE_M) {
+            const uint16_t *xm = x + m0 * K;
+            switch (M - m0 < BF16_TILE_M ? M - m0 : BF16_TILE_M) {
+            case 4: BF16_TILE(4); break;
+            case 3: BF16_TILE(3); break;
+            case 2: BF16_TILE(2); break;
+            default: BF16_TILE(1); break;
+            }
+        }
+    }
+}
+
+/* x (M, K), w (N, K), b (N,) or NULL, y (M, N): all bfloat16, contiguous. 1 to
+ * BF16_MAX_M rows stream the weight; up to BF16_TILE_MAX_M rows (with K up to
+ * BF16_TILE_MAX_K) take the tiled product. */
 int bf16_gemv(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16_t *y, int64_t M, int64_t N,
               int64_t K, int nthreads) {
-    if (M < 1 || M > BF16_MAX_M) return 1;
+    const int tiled = M > BF16_MAX_M;
+    if (M < 1 || M > BF16_TILE_MAX_M || (tiled && K > BF16_TILE_MAX_K)) return 1;
     const int64_t blocks = (N + BF16_ROWS - 1) / BF16_ROWS;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (N * K >= BF16_PARALLEL_MIN)
-    for (int64_t blk = 0; blk < blocks; blk++) bf16_block(x, w, b, y, M, N, K, blk);
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        if (tiled)
+            bf16_tile_block(x, w, b, y, M, N, K, blk);
+        else
+            bf16_block(x, w, b, y, M, N, K, blk);
+    }
     return 0;
 }
 
