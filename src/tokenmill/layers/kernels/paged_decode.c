@@ -180,6 +180,13 @@ static inline __m512 hsum16(const __m512 *v) {
 /* Scores of the g query heads qh (g, D) against keys [first, len) of one KV head. */
 /* Blocks are scattered, so the hardware prefetcher loses the stream at each one: fetch
  * the next block's lines while this block is computed. */
+/* Bytes of a row's keys and values asked into L2 when its task starts. */
+#define PD_L2_AHEAD (256 << 10)
+
+static inline void prefetch_block_l2(const char *p, int64_t bytes) {
+    for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(p + i, _MM_HINT_T1);
+}
+
 static inline void prefetch_block(const char *p, int64_t bytes) {
     for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(p + i, _MM_HINT_T0);
 }
@@ -336,7 +343,8 @@ static int paged_decode_bf16_avx512(const uint16_t *q, const uint16_t *k_cache, 
     const int heads_per_task = R >= 2 * nthreads ? Hkv : 1;
     const int tasks = R * (Hkv / heads_per_task);
     int failed = 0;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    /* Round-robin rather than dynamic: measured faster with the L2 prefetch of each row. */
+#pragma omp parallel for schedule(static, 1) num_threads(nthreads)
     for (int task = 0; task < tasks; ++task) {
         const int r = task / (Hkv / heads_per_task);
         const int hk0 = (task % (Hkv / heads_per_task)) * heads_per_task;
@@ -353,6 +361,18 @@ static int paged_decode_bf16_avx512(const uint16_t *q, const uint16_t *k_cache, 
             continue;
         }
         const int64_t *table = tables + (int64_t)r * width;
+        {
+            /* Ask for the row's first keys and values (every KV head of them) into L2 at once:
+             * its blocks are scattered over the pool, and one block ahead (below) does not
+             * keep enough reads in flight (30 layers of 64 rows of ~100-160 scattered keys: 20-24%
+             * faster; a 64-row SmolLM2 decode step: 5%). */
+            const int64_t bsk = (int64_t)block_size * kstride, bsv = (int64_t)block_size * vstride;
+            const int64_t last = first / block_size + PD_L2_AHEAD / ((bsk + bsv) * 2);
+            for (int64_t b = first / block_size; b * block_size < len && b <= last; ++b) {
+                prefetch_block_l2((const char *)(k_cache + table[b] * bsk), bsk * 2);
+                prefetch_block_l2((const char *)(v_cache + table[b] * bsv), bsv * 2);
+            }
+        }
         for (int hk = hk0; hk < hk0 + heads_per_task; ++hk) {
             const uint16_t *qh = q + ((int64_t)r * H + (int64_t)hk * g) * D;
             /* The first KV head's pass prefetches whole blocks; the later heads find them cached. */
