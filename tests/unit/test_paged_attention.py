@@ -148,3 +148,52 @@ def test_new_keys_land_in_their_slots_and_a_slot_outside_the_cache_is_refused():
     assert torch.equal(cache.v[0].view(-1, 2, 8)[slots], v)
     with pytest.raises(ValueError, match="slot mapping points outside the KV cache"):
         PagedAttention(cache, torch.tensor([16]), 0)._write(k[:1], v[:1], cache.k[0], cache.v[0])
+
+
+PREFILL_SHAPES = [  # T, S, H, Hkv, D, Dv, window
+    (512, 512, 9, 3, 64, 64, None),  # a SmolLM2 prompt
+    (7, 30, 4, 2, 64, 64, None),  # a chunk after earlier context
+    (33, 33, 8, 8, 128, 128, None),  # wide heads: two rows per value tile
+    (20, 50, 4, 1, 32, 32, 16),  # a sliding window shorter than the chunk
+    (100, 260, 6, 2, 80, 80, 40),  # head size 80 (not a multiple of 32)
+    (1, 1, 2, 1, 64, 64, None),
+    (17, 17, 2, 2, 2, 16, None),  # the smallest head sizes the kernel takes
+]
+
+
+@pytest.mark.skipif(not cpu_kernels.paged_decode_available(torch.bfloat16), reason="no C compiler here")
+@pytest.mark.parametrize("T,S,H,Hkv,D,Dv,window", PREFILL_SHAPES, ids=str)
+def test_prefill_kernel_matches_the_reference(T, S, H, Hkv, D, Dv, window):
+    from tokenmill.layers.paged_attention import _chunk_attention
+
+    g = torch.Generator().manual_seed(T * 7 + S)
+    # q as the attention layer has it: a view into the fused q/k/v projection's rows
+    qkv = torch.randn(T, H * D + 5, generator=g).to(torch.bfloat16)
+    q = qkv[:, : H * D].view(T, H, D)
+    k = torch.randn(S, Hkv, D, generator=g).to(torch.bfloat16)
+    v = torch.randn(S, Hkv, Dv, generator=g).to(torch.bfloat16)
+    scale = D**-0.5
+    got = cpu_kernels.prefill_attention(q, k, v, scale, window)
+    if not cpu_kernels.bf16_gemv_available():
+        assert got is None  # no AVX512-BF16: the PyTorch path runs
+        return
+    assert got is not None and got.shape == (T, H * Dv)
+    ref = _reference(q, k, v, scale, window)
+    torch_path = _chunk_attention(q, k, v, scale, window, use_kernel=False).float()
+    # within the error the PyTorch bf16 path itself has against the float32 reference
+    err, err_torch = (got.float() - ref).abs().max(), (torch_path - ref).abs().max()
+    assert err <= max(2 * err_torch, 1e-2), (err, err_torch)
+    assert torch.equal(_chunk_attention(q, k, v, scale, window), got)
+
+
+@pytest.mark.skipif(not cpu_kernels.paged_decode_available(torch.bfloat16), reason="no C compiler here")
+def test_prefill_kernel_declines_what_it_does_not_take():
+    q = torch.randn(4, 2, 64).to(torch.bfloat16)
+    k = torch.randn(6, 1, 64).to(torch.bfloat16)
+    assert cpu_kernels.prefill_attention(q, k, torch.randn(6, 1, 72).to(torch.bfloat16), 0.1, None) is None
+    assert cpu_kernels.prefill_attention(q.float(), k.float(), k.float(), 0.1, None) is None
+    assert (
+        cpu_kernels.prefill_attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, k, 0.1, None) is None
+    )
+    with pytest.raises(ValueError, match="prefill_attention: q, k and v do not agree"):
+        cpu_kernels.prefill_attention(q, k[:3], k[:3], 0.1, None)  # fewer keys than queries

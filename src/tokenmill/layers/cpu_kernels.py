@@ -86,6 +86,9 @@ def _library() -> ctypes.CDLL | None:
         getattr(lib, name).argtypes = args
         getattr(lib, name).restype = ctypes.c_int
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.prefill_attention_bf16.argtypes = [ptr, i64] * 3 + [ptr, i64, i64] + [i32] * 4
+    lib.prefill_attention_bf16.argtypes += [ctypes.c_float, i64, i32]
+    lib.prefill_attention_bf16.restype = i32
     lib.rope_bf16.argtypes = [ptr] * 3 + [i64, i32, i32, i64, i32]
     lib.silu_mul_bf16.argtypes = [ptr, ptr, i64, i32, i32]
     lib.kv_write.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, ptr, i64, i64]
@@ -180,6 +183,33 @@ def paged_decode(
         log.warning("CPU attention kernel could not allocate its scratch; using the PyTorch path")
         return None
     return out.view(R, H * Dv)
+
+
+def prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None
+) -> torch.Tensor | None:
+    """Causal attention of T bf16 queries, the last T of S positions: q (T, H, D), k (S,
+    H_kv, D), v (S, H_kv, Dv), each with its heads and dimensions contiguous (rows may be
+    strided). Returns (T, H * Dv), or None where the kernel does not take these shapes
+    (the caller keeps the PyTorch path)."""
+    lib = _library()
+    if lib is None or not (q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.device.type == "cpu"):
+        return None
+    T, H, D = q.shape
+    S, Hkv, Dv = k.shape[0], k.shape[1], v.shape[-1]
+    for t in (q, k, v):
+        if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
+            return None
+    if not (k.shape[-1] == D and v.shape[:2] == (S, Hkv) and S >= T >= 1 and Hkv and H % Hkv == 0):
+        raise ValueError("prefill_attention: q, k and v do not agree")
+    out = torch.empty(T, H * Dv, dtype=q.dtype)
+    rc = lib.prefill_attention_bf16(
+        q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+        out.data_ptr(), T, S, H, Hkv, D, Dv, scale, window or 0, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc == 2:
+        log.warning("CPU prefill attention could not allocate its scratch; using the PyTorch path")
+    return out if rc == 0 else None
 
 
 # -- fused elementwise kernels (bf16, CPU) -------------------------------------------------

@@ -396,6 +396,187 @@ static int paged_decode_bf16_avx512(const uint16_t *q, const uint16_t *k_cache, 
     }
     return failed;
 }
+
+/* ---- causal attention of a prompt chunk -------------------------------------------------
+ *
+ * T queries at positions S - T .. S - 1 against S keys (the chunk's own and the earlier
+ * context), each query seeing keys at positions <= its own (and, with a window W, > its
+ * own - W). q (T, H, D) with row stride q_stride; k, v (S, Hkv, D / Dv) with row strides
+ * k_stride / v_stride; out (T, H * Dv).
+ *
+ * The keys and values of each KV head are first repacked so that VDPBF16PS works along
+ * the keys: keys in blocks of 16, one float32 lane per key, pairs of dimensions in each
+ * lane (scores of 16 keys per instruction, no horizontal sums); values by pairs of keys,
+ * pairs of keys in each lane (16 output dimensions per instruction). A task is a block of
+ * PA_BQ queries of one query head: scores in float32, times the scale; softmax in
+ * float32; probabilities rounded to bfloat16 (as the reference path rounds its softmax
+ * output before the second product); the weighted sum of values in float32, rounded to
+ * bfloat16 at the end. */
+#define PA_BQ 16
+
+static void pa_pack_keys(const uint16_t *k, int64_t k_stride, int64_t S, int D, uint16_t *kp) {
+    /* kp: [ceil(S / 16)][D / 2][16][2] */
+    const int64_t nb = (S + 15) / 16;
+    for (int64_t b = 0; b < nb; ++b)
+        for (int dp = 0; dp < D / 2; ++dp) {
+            uint16_t *dst = kp + (b * (D / 2) + dp) * 32;
+            for (int l = 0; l < 16; ++l) {
+                const int64_t j = b * 16 + l;
+                dst[2 * l] = j < S ? k[j * k_stride + 2 * dp] : 0;
+                dst[2 * l + 1] = j < S ? k[j * k_stride + 2 * dp + 1] : 0;
+            }
+        }
+}
+
+static void pa_pack_values(const uint16_t *v, int64_t v_stride, int64_t S, int Dv, uint16_t *vp) {
+    /* vp: [8 ceil(S / 16)][Dv][2], zeros past the last key (the score blocks read whole blocks) */
+    for (int64_t jp = 0; jp < (S + 15) / 16 * 8; ++jp)
+        for (int d = 0; d < Dv; ++d) {
+            vp[(jp * Dv + d) * 2] = 2 * jp < S ? v[2 * jp * v_stride + d] : 0;
+            vp[(jp * Dv + d) * 2 + 1] = 2 * jp + 1 < S ? v[(2 * jp + 1) * v_stride + d] : 0;
+        }
+}
+
+/* Scores of rows r0 .. r0 + MB - 1 (query pointers qr[]) against key blocks [b0, b1). */
+#define PA_SCORES(MB)                                                                               \
+    do {                                                                                            \
+        for (int64_t b = b0; b < b1; ++b) {                                                         \
+            __m512 acc[MB];                                                                         \
+            for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();                              \
+            const uint16_t *kb = kp + b * (D / 2) * 32;                                             \
+            for (int dp = 0; dp < D / 2; ++dp) {                                                    \
+                const __m512bh kv = (__m512bh)_mm512_loadu_si512(kb + dp * 32);                     \
+                for (int i = 0; i < MB; ++i) {                                                      \
+                    int32_t pair;                                                                   \
+                    memcpy(&pair, qr[i] + 2 * dp, 4);                                               \
+                    acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(pair), kv);        \
+                }                                                                                   \
+            }                                                                                       \
+            for (int i = 0; i < MB; ++i)                                                            \
+                _mm512_storeu_ps(sc + (int64_t)(r0 + i) * ns + (b - b0) * 16, _mm512_mul_ps(acc[i], vscale)); \
+        }                                                                                           \
+    } while (0)
+
+/* out rows r0 .. r0 + MB - 1 = probabilities (bf16 pairs in pb) x values, NC vectors of 16. */
+#define PA_VALUES(MB, NC)                                                                           \
+    do {                                                                                            \
+        __m512 acc[MB][NC];                                                                         \
+        for (int i = 0; i < MB; ++i)                                                                \
+            for (int c = 0; c < NC; ++c) acc[i][c] = _mm512_setzero_ps();                           \
+        for (int64_t jp = 0; jp < np; ++jp) {                                                       \
+            const uint16_t *vj = vp + (j0 / 2 + jp) * Dv * 2;                                       \
+            __m512bh vv[NC];                                                                        \
+            for (int c = 0; c < NC; ++c) vv[c] = (__m512bh)_mm512_loadu_si512(vj + c * 32);         \
+            for (int i = 0; i < MB; ++i) {                                                          \
+                int32_t pair;                                                                       \
+                memcpy(&pair, pb + (int64_t)(r0 + i) * ns + 2 * jp, 4);                             \
+                const __m512bh pv = (__m512bh)_mm512_set1_epi32(pair);                              \
+                for (int c = 0; c < NC; ++c) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], pv, vv[c]);     \
+            }                                                                                       \
+        }                                                                                           \
+        for (int i = 0; i < MB; ++i) {                                                              \
+            uint16_t *o = out + (int64_t)(q0 + r0 + i) * H * Dv + (int64_t)h * Dv;                  \
+            for (int c = 0; c < NC; ++c)                                                            \
+                _mm256_storeu_si256((__m256i *)(o + c * 16), (__m256i)_mm512_cvtneps_pbh(acc[i][c])); \
+        }                                                                                           \
+    } while (0)
+
+#define PA_VALUES_NC(MB)                                                                            \
+    switch (Dv / 16) {                                                                              \
+        case 1: PA_VALUES(MB, 1); break;                                                            \
+        case 2: PA_VALUES(MB, 2); break;                                                            \
+        case 3: PA_VALUES(MB, 3); break;                                                            \
+        case 4: PA_VALUES(MB, 4); break;                                                            \
+        case 5: PA_VALUES(MB, 5); break;                                                            \
+        case 6: PA_VALUES(MB, 6); break;                                                            \
+        case 7: PA_VALUES(MB, 7); break;                                                            \
+        default: PA_VALUES(MB, 8); break;                                                           \
+    }
+
+static void pa_task(const uint16_t *q, int64_t q_stride, const uint16_t *kp, const uint16_t *vp, uint16_t *out,
+                    int64_t T, int64_t S, int H, int D, int Dv, int h, int64_t q0, float scale, int64_t window,
+                    float *sc, uint16_t *pb) {
+    const int64_t rows = T - q0 < PA_BQ ? T - q0 : PA_BQ;
+    const int64_t first_pos = S - T + q0, last_pos = first_pos + rows - 1;
+    /* keys any row of the block sees: [j0, j1), j0 a multiple of 16 */
+    int64_t j0 = window > 0 && first_pos - window + 1 > 0 ? first_pos - window + 1 : 0;
+    j0 = j0 / 16 * 16;
+    const int64_t j1 = last_pos + 1;
+    const int64_t b0 = j0 / 16, b1 = (j1 + 15) / 16;
+    const int64_t ns = (b1 - b0) * 16; /* the scratch row length (even) */
+    const __m512 vscale = _mm512_set1_ps(scale);
+    const uint16_t *qr[4];
+    int64_t r0 = 0;
+    for (; r0 < rows; r0 += 4) {
+        const int mb = rows - r0 < 4 ? (int)(rows - r0) : 4;
+        for (int i = 0; i < 4; ++i) qr[i] = q + (q0 + r0 + (i < mb ? i : 0)) * q_stride + (int64_t)h * D;
+        switch (mb) {
+            case 4: PA_SCORES(4); break;
+            case 3: PA_SCORES(3); break;
+            case 2: PA_SCORES(2); break;
+            default: PA_SCORES(1); break;
+        }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+        float *sr = sc + r * ns;
+        const int64_t pos = first_pos + r;
+        const int64_t lo = window > 0 && pos - window + 1 > j0 ? pos - window + 1 : j0;
+        for (int64_t j = j0; j < lo; ++j) sr[j - j0] = -INFINITY;
+        for (int64_t j = pos + 1; j < j0 + ns; ++j) sr[j - j0] = -INFINITY;
+        softmax_avx512(sr, ns);
+        uint16_t *pr = pb + r * ns;
+        for (int64_t t = 0; t < ns; t += 16)
+            _mm256_storeu_si256((__m256i *)(pr + t), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(sr + t)));
+    }
+    const int64_t np = ns / 2;
+    for (r0 = 0; r0 < rows;) {
+        const int tile = Dv > 64 ? 2 : 4; /* at most 16 accumulators */
+        const int mb = rows - r0 < tile ? (int)(rows - r0) : tile;
+        switch (mb) {
+            case 4: PA_VALUES_NC(4); break;
+            case 3: PA_VALUES_NC(3); break;
+            case 2: PA_VALUES_NC(2); break;
+            default: PA_VALUES_NC(1); break;
+        }
+        r0 += mb;
+    }
+}
+
+static int prefill_attention_avx512(const uint16_t *q, int64_t q_stride, const uint16_t *k, int64_t k_stride,
+                                    const uint16_t *v, int64_t v_stride, uint16_t *out, int64_t T, int64_t S,
+                                    int H, int Hkv, int D, int Dv, float scale, int64_t window, int nthreads) {
+    const int g = H / Hkv;
+    const int64_t nkb = (S + 15) / 16, kp_head = nkb * 16 * D, vp_head = nkb * 16 * Dv;
+    uint16_t *kp = malloc(sizeof(uint16_t) * (size_t)(kp_head + vp_head) * Hkv);
+    if (!kp) return 2;
+    uint16_t *vp = kp + kp_head * Hkv;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int hk = 0; hk < Hkv; ++hk) {
+        pa_pack_keys(k + (int64_t)hk * D, k_stride, S, D, kp + hk * kp_head);
+        pa_pack_values(v + (int64_t)hk * Dv, v_stride, S, Dv, vp + hk * vp_head);
+    }
+    const int64_t qblocks = (T + PA_BQ - 1) / PA_BQ;
+    int failed = 0;
+    /* later query blocks see more keys: hand them out first, then the rest as threads free up */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t task = 0; task < qblocks * H; ++task) {
+        const int64_t qb = qblocks - 1 - task / H;
+        const int h = (int)(task % H);
+        const int64_t ns = (S + 16) / 16 * 16 + 16;
+        float *sc = malloc(sizeof(float) * PA_BQ * ns + sizeof(uint16_t) * PA_BQ * ns);
+        if (!sc) {
+#pragma omp atomic write
+            failed = 1;
+            continue;
+        }
+        pa_task(q, q_stride, kp + (h / g) * kp_head, vp + (h / g) * vp_head, out, T, S, H, D, Dv, h, qb * PA_BQ,
+                scale, window, sc, (uint16_t *)(sc + PA_BQ * ns));
+        free(sc);
+    }
+    free(kp);
+    return failed ? 2 : 0;
+}
+
 #endif
 
 int paged_decode_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *tables,
@@ -408,4 +589,19 @@ int paged_decode_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t
 #endif
     return paged_decode_bf16_generic(q, k_cache, v_cache, tables, width, lens, out, R, H, Hkv, D, Dv,
                                      block_size, scale, window, nthreads);
+}
+
+/* Returns 0, 1 where this build or these sizes have no kernel (the caller keeps PyTorch's
+ * path), 2 when scratch memory could not be allocated. */
+int prefill_attention_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *k, int64_t k_stride, const uint16_t *v,
+                           int64_t v_stride, uint16_t *out, int64_t T, int64_t S, int H, int Hkv, int D, int Dv,
+                           float scale, int64_t window, int nthreads) {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    if (T >= 1 && S >= T && Hkv >= 1 && H % Hkv == 0 && D % 2 == 0 && D <= 256 && Dv % 16 == 0 && Dv <= 128)
+        return prefill_attention_avx512(q, q_stride, k, k_stride, v, v_stride, out, T, S, H, Hkv, D, Dv, scale,
+                                        window, nthreads);
+#endif
+    (void)q, (void)q_stride, (void)k, (void)k_stride, (void)v, (void)v_stride, (void)out, (void)T, (void)S, (void)H;
+    (void)Hkv, (void)D, (void)Dv, (void)scale, (void)window, (void)nthreads;
+    return 1;
 }
