@@ -234,3 +234,39 @@ def test_kernels_switched_off_leave_the_pytorch_paths():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+# -- building the library ----------------------------------------------------------------------------------
+def test_a_compiler_that_fails_leaves_the_pytorch_paths_and_says_why(tmp_path, monkeypatch, caplog):
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'fatal: no room on the device' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("TOKENMILL_CACHE", str(tmp_path / "cache"))
+    cpu_kernels._library.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="tokenmill.kernels"):
+            assert cpu_kernels._library() is None
+        assert "CPU kernels unavailable" in caplog.text and "using the PyTorch paths" in caplog.text
+        assert "fatal: no room on the device" in caplog.text  # the compiler's own words
+        assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-built is left to load
+    finally:
+        cpu_kernels._library.cache_clear()  # the next call loads the real library again
+
+
+def test_the_library_builds_from_scratch(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENMILL_CACHE", str(tmp_path))
+    cpu_kernels._library.cache_clear()
+    try:
+        lib = cpu_kernels._library()
+        if lib is None:
+            pytest.skip("no C compiler here")
+        (built,) = (tmp_path / "kernels").glob("tokenmill_kernels-*.so")
+        assert [p.name for p in (tmp_path / "kernels").iterdir()] == [built.name]  # no objects left over
+        x = torch.ones(1, 40, dtype=torch.bfloat16)
+        y = torch.empty(1, 3, dtype=torch.bfloat16)
+        w = torch.ones(3, 40, dtype=torch.bfloat16)
+        rc = lib.bf16_gemv(x.data_ptr(), w.data_ptr(), None, y.data_ptr(), 1, 3, 40, 1)
+        assert rc == 1 or (rc == 0 and bool((y == 40).all()))  # 1: this CPU has no AVX-512
+    finally:
+        cpu_kernels._library.cache_clear()

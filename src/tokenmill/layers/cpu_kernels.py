@@ -17,6 +17,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -53,6 +54,45 @@ def _cpu_signature() -> str:
     return platform.machine() + platform.processor() + flags
 
 
+def _cores() -> int:
+    """The cores this process may run on (a container may allow fewer than the machine has)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def _build(cc: str, tmp: Path, out: Path) -> None:
+    """Compile the sources in parallel, one per core, then link: the first start on a
+    machine waits for this (3.1 s in one compiler call, 1.7 s over this project's two
+    cores). The largest source is first in ``_SOURCES``, so it starts first."""
+    pending = [(src, tmp / f"{src.stem}.o", tmp / f"{src.stem}.err") for src in _SOURCES]
+    objects = [obj for _, obj, _ in pending]
+    flags = [f for f in _FLAGS if f != "-shared"]
+    running: list[tuple[subprocess.Popen, Path]] = []
+    deadline = time.monotonic() + 120
+    try:
+        while pending or running:
+            while pending and len(running) < _cores():
+                src, obj, err = pending.pop(0)
+                with open(err, "wb") as ferr:  # a file, not a pipe: a chatty compiler cannot block
+                    cmd = [cc, *flags, "-c", "-o", str(obj), str(src)]
+                    running.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=ferr), err))
+            for proc, err in [r for r in running if r[0].poll() is not None]:
+                running.remove((proc, err))
+                if proc.returncode:
+                    raise subprocess.CalledProcessError(proc.returncode, proc.args, stderr=err.read_bytes())
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(cc, 120)
+            time.sleep(0.005)
+    finally:
+        for proc, _ in running:
+            proc.kill()
+            proc.wait()
+    subprocess.run(
+        [cc, *_FLAGS, "-o", str(out), *map(str, objects), "-lm"], check=True, capture_output=True, timeout=120
+    )
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("TOKENMILL_CPU_KERNELS", "1") == "0":
@@ -69,16 +109,14 @@ def _library() -> ctypes.CDLL | None:
             # Build beside the target and rename, so concurrent processes never load half a file.
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
                 out = Path(tmp) / path.name
-                subprocess.run(
-                    [cc, *_FLAGS, "-o", str(out), *map(str, _SOURCES), "-lm"],
-                    check=True,
-                    capture_output=True,
-                    timeout=120,
-                )
+                _build(cc, Path(tmp), out)
                 os.replace(out, path)
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as e:
-        log.warning("CPU kernels unavailable (%s); using the PyTorch paths", e)
+        why = str(e)
+        if isinstance(e, subprocess.CalledProcessError) and e.stderr:
+            why += ": " + e.stderr.decode(errors="replace").strip()[-2000:]
+        log.warning("CPU kernels unavailable (%s); using the PyTorch paths", why)
         return None
     args = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     args += [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
