@@ -341,3 +341,54 @@ def test_logprobs_are_the_model_log_softmax(llm, hf, kw):
         for t, v in lp_.top_logprobs.items():
             assert v == pytest.approx(ref[step, t].item(), abs=1e-4)
     assert out.cumulative_logprob == pytest.approx(sum(lp_.logprob for lp_ in out.logprobs), abs=1e-5)
+
+
+# -- the greedy fast path -----------------------------------------------------------------------
+def test_bf16_argmax_kernel_gives_torchs_index():
+    from tokenmill.layers import cpu_kernels
+
+    nan, inf = float("nan"), float("inf")
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        torch.randn(64, 49152, generator=g),
+        torch.randn(3, 17, generator=g),
+        torch.tensor([[1.0, 3, 3, 2], [nan, 1, nan, 5], [-inf] * 4, [0.0, -0.0, 0.0, -1]]),
+        torch.zeros(2, 40).index_put_(
+            (torch.tensor([0, 1, 1]), torch.tensor([35, 20, 37])), torch.tensor([nan, 1, 1])
+        ),
+    ]
+    for x in cases:
+        x = x.to(torch.bfloat16)
+        got = cpu_kernels.argmax_rows(x)
+        if got is None:
+            pytest.skip("no C compiler here")
+        # ties: the first; a NaN beats everything, the first NaN wins; -0.0 equals 0.0
+        assert torch.equal(got, x.argmax(-1)) and torch.equal(got, x.float().argmax(-1))
+    assert cpu_kernels.argmax_rows(torch.randn(4, 6).to(torch.bfloat16).t()) is None  # not contiguous
+    assert cpu_kernels.argmax_rows(torch.randn(4, 6)) is None  # float32: torch's own argmax
+
+
+@pytest.mark.parametrize(
+    "params, fast",
+    [
+        (SamplingParams(temperature=0), True),
+        (SamplingParams(temperature=0, logprobs=2), True),
+        (SamplingParams(temperature=0, repetition_penalty=1.3), False),
+        (SamplingParams(temperature=0, min_tokens=3), False),
+        (SamplingParams(temperature=0, logit_bias={3: 5.0}), False),
+    ],
+)
+def test_greedy_batches_take_the_raw_argmax_only_when_nothing_changes_the_logits(params, fast, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 300, generator=g).to(torch.bfloat16)
+    batch = make_batch([params] * 5, V=300)
+    calls = []
+    real = SamplingBatch.process
+    monkeypatch.setattr(SamplingBatch, "process", lambda self, *a: calls.append(1) or real(self, *a))
+    got = batch.sample(logits, [0] * 5)
+    assert (not calls) == fast
+    want = real(make_batch([params] * 5, V=300), logits, [0] * 5).argmax(-1).tolist()
+    assert got.tokens == want
+    if params.logprobs:
+        top = logits.float().log_softmax(-1).topk(2, dim=-1)
+        assert [lp_[1][0][0] for lp_ in got.logprobs] == top.indices[:, 0].tolist()

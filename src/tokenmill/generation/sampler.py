@@ -95,6 +95,10 @@ class SamplingBatch:
             for r, p in enumerate(params):
                 for tok, val in (p.logit_bias or {}).items():
                     self.bias[r, tok] += val
+        #: no processor changes the logits: a greedy batch takes the raw arg-max
+        self.plain = (
+            self.bias is None and not (self.use_rep or self.use_pf) and not any(p.min_tokens for p in params)
+        )
         self.max_logprobs = max((p.logprobs or 0) for p in params)
         self.want_logprobs = any(p.logprobs is not None for p in params)
 
@@ -109,6 +113,8 @@ class SamplingBatch:
 
     def record(self, tokens: torch.Tensor) -> None:
         """Note the tokens just sampled (R,) for the penalties."""
+        if self.seen is None and self.counts is None:
+            return
         rows = torch.arange(tokens.shape[0], device=self.device)
         if self.seen is not None:
             self.seen[rows, tokens] = True
@@ -141,6 +147,12 @@ class SamplingBatch:
         return logits
 
     def sample(self, raw_logits: torch.Tensor, num_generated: list[int]) -> SampleResult:
+        # (a subclass with its own process(), such as the seq2seq rules, always runs it)
+        if self.all_greedy and self.plain and type(self).process is SamplingBatch.process:
+            tokens = _argmax(raw_logits)
+            self.record(tokens)
+            token_list = tokens.tolist()
+            return SampleResult(token_list, self._logprobs(raw_logits, tokens, token_list))
         logits = self.process(raw_logits, num_generated)
         greedy_tokens = logits.argmax(dim=-1)
         if self.all_greedy:
@@ -192,3 +204,15 @@ class SamplingBatch:
             top = list(zip(top_ids[r][:k], top_vals[r][:k])) if k else []
             out.append((chosen[r], top))
         return out
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """The arg-max of each row; on CPU in bf16 without widening the logits to float32
+    first (the same index: bf16 widens exactly)."""
+    if logits.dtype == torch.bfloat16 and logits.device.type == "cpu":
+        from tokenmill.layers import cpu_kernels
+
+        out = cpu_kernels.argmax_rows(logits.contiguous())
+        if out is not None:
+            return out
+    return logits.argmax(dim=-1)

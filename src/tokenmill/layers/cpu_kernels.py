@@ -128,6 +128,8 @@ def _library() -> ctypes.CDLL | None:
     lib.prefill_attention_bf16.argtypes += [ctypes.c_float, i64, i32]
     lib.prefill_attention_bf16.restype = i32
     lib.rope_bf16.argtypes = [ptr] * 3 + [i64, i32, i32, i64, i32]
+    lib.argmax_bf16.argtypes = [ptr, ptr, i64, i64, i32]
+    lib.argmax_bf16.restype = None
     lib.silu_mul_bf16.argtypes = [ptr, ptr, i64, i32, i32]
     lib.kv_write.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, ptr, i64, i64]
     for name in ("rope_bf16", "silu_mul_bf16", "kv_write"):
@@ -293,6 +295,19 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     lib.silu_mul_bf16(
         gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // two_i, two_i // 2, torch.get_num_threads()
     )
+    return out
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """``x.argmax(-1)`` of a contiguous 2-D bf16 CPU tensor without a float32 copy (the
+    same index: the first maximum, or the first NaN), or None where the kernel cannot run."""
+    lib = _library()
+    if lib is None or not (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2):
+        return None
+    if not x.is_contiguous() or x.shape[1] == 0:
+        return None
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    lib.argmax_bf16(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], torch.get_num_threads())
     return out
 
 

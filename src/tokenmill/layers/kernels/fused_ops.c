@@ -105,3 +105,58 @@ void kv_write(const char *k, const char *v, int64_t k_stride, int64_t v_stride, 
         memcpy(v_cache + slots[i] * v_row, v + i * v_stride, (size_t)v_row);
     }
 }
+
+/* out[r] = the index of the largest of the n bf16 values of row r, as torch.argmax gives
+ * it: the first of equal maxima, or the first NaN if the row has one. Two passes over the
+ * row (the maximum, then its first index), each vectorized: a greedy step's logits are
+ * read once more from L2 instead of being widened to a float32 copy first. */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+static int64_t argmax_row(const uint16_t *x, int64_t n) {
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    __mmask16 nan = 0;
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) {
+        const __m512 v = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + k))), 16));
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        vmax = _mm512_max_ps(vmax, v);
+    }
+    float m = _mm512_reduce_max_ps(vmax);
+    for (int64_t j = k; j < n; ++j) {
+        const float f = bf16_to_f32(x[j]);
+        if (f != f) nan = 1;
+        m = f > m ? f : m;
+    }
+    if (nan) {
+        for (int64_t j = 0; j < n; ++j)
+            if (bf16_to_f32(x[j]) != bf16_to_f32(x[j])) return j;
+    }
+    const __m512 vm = _mm512_set1_ps(m);
+    for (k = 0; k + 16 <= n; k += 16) {
+        const __m512 v = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + k))), 16));
+        const __mmask16 eq = _mm512_cmp_ps_mask(v, vm, _CMP_EQ_OQ);
+        if (eq) return k + __builtin_ctz((unsigned)eq);
+    }
+    for (; k < n; ++k)
+        if (bf16_to_f32(x[k]) == m) return k;
+    return 0; /* n == 0 */
+}
+#else
+static int64_t argmax_row(const uint16_t *x, int64_t n) {
+    int64_t best = 0;
+    float m = n ? bf16_to_f32(x[0]) : 0.0f;
+    for (int64_t j = 0; j < n; ++j) {
+        const float f = bf16_to_f32(x[j]);
+        if (f != f) return j;
+        if (f > m) m = f, best = j;
+    }
+    return best;
+}
+#endif
+
+void argmax_bf16(const uint16_t *x, int64_t *out, int64_t rows, int64_t n, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows * n >= PARALLEL_MIN_ELEMENTS && rows > 1)
+    for (int64_t r = 0; r < rows; ++r) out[r] = argmax_row(x + r * n, n);
+}
