@@ -41,8 +41,11 @@ def test_tiny_run_on_cpu_reports_every_figure(script):
     # on the CPU there are no graphs: the eager run is the same path and gives the same tokens
     assert m["cuda_graphs"] is None and m["graphs_off_reason"] == "CUDA graphs need a CUDA device"
     assert m["decode_b1_eager_tok_s"] > 0 and m["greedy_tokens_match_eager"] is True
+    # the same engine path on both sides here: identical
+    assert m["padded_graphs_identical_sequences"] == "5/5" and m["padded_graphs_max_logprob_diff"] == 0.0
     assert set(r["targets"]) == {
         "decode_at_least_70pct_of_limit",
         "throughput_at_least_5x_transformers",
         "graphs_give_the_eager_tokens",
+        "padded_graphs_agree_with_eager",
     }

@@ -177,3 +177,24 @@ def test_enforce_eager_is_checked_and_reaches_the_engine():
     assert engine_config(args).enforce_eager is True
     args = build_parser().parse_args(["serve"])
     assert engine_config(args).enforce_eager is False
+
+
+def test_a_graph_that_recorded_nothing_is_caught_at_start(model_dir, monkeypatch):
+    """As a capture on another device's stream would: the replay does nothing and the output
+    keeps the capture run's logits. The check at start-up replays another input, sees
+    stale logits and the engine steps eagerly."""
+
+    def records_nothing(fn, pool):
+        return cuda_graphs._Captured(lambda: None, fn().clone())
+
+    monkeypatch.setattr(cuda_graphs, "capture", records_nothing)
+    monkeypatch.setattr(cuda_graphs, "wanted", lambda *a: (True, ""))
+    llm = LLM(model_dir, dtype="float32", device="cpu", max_batch_size=2)
+    assert llm.runner.graphs is None
+    assert llm.engine.graphs_reason.startswith(
+        "capture failed: a replayed decode graph disagrees with the eager step (max difference"
+    )
+    # and the eager engine generates as one without graphs does
+    ref = LLM(model_dir, dtype="float32", device="cpu", max_batch_size=2, enforce_eager=True)
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    assert llm.generate("hi", sp)[0].outputs[0].token_ids == ref.generate("hi", sp)[0].outputs[0].token_ids

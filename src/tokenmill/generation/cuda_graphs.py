@@ -24,6 +24,7 @@ Steps with prompt chunks, or more rows than the largest graph, run eagerly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -138,20 +139,46 @@ class DecodeGraphs:
         self.slots, self.lens = self._rows[2], self._rows[3]
         self.tables = torch.full((B, W), scratch_block, dtype=i64, device=dev)
         self.select = torch.arange(B, dtype=i64, device=dev)
-        # the host may not refill the staging buffers while their last copy is in flight
-        self._copied = torch.cuda.Event() if pin else None
+        self.device = dev
         self._forward = forward
         self._graphs: dict[int, _Captured] = {}
         t0 = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle() if pin else None
-        # Largest first: the smaller graphs reuse the memory the largest one reserved.
-        with torch.inference_mode():
+        # Streams, events and captures belong to the current device: make it the model's
+        # (on cuda:1 a capture on cuda:0's stream would record nothing).
+        with self._on_device(), torch.inference_mode():
+            # the host may not refill the staging buffers while their last copy is in flight
+            self._copied = torch.cuda.Event() if pin else None
+            pool = torch.cuda.graph_pool_handle() if pin else None
+            # Largest first: the smaller graphs reuse the memory the largest one reserved.
             for b in reversed(self.sizes):
                 self._graphs[b] = capture(self._step_fn(b), pool)
+            self._check_replay()
         self.capture_s = time.perf_counter() - t0
         log.info(
             "captured %d decode graphs (batch %s) in %.2f s", len(self.sizes), self.sizes, self.capture_s
         )
+
+    def _on_device(self) -> Any:
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def _check_replay(self) -> None:
+        """Replay the smallest graph on an input it was not captured with and compare it
+        with an eager step: a graph that recorded nothing would return the logits of the
+        capture run. Raises RuntimeError (the engine then steps eagerly)."""
+        b = self.sizes[0]
+        self._rows[0, :b] = 1  # token 1 instead of 0, still into the scratch block
+        try:
+            graph = self._graphs[b]
+            graph.replay()
+            got = graph.out.float().clone()
+            want = self._step_fn(b)().float()
+        finally:
+            self._rows[0, :b] = 0
+        if not torch.allclose(got, want, rtol=1e-2, atol=1e-2):
+            raise RuntimeError(
+                f"a replayed decode graph disagrees with the eager step (max difference "
+                f"{float((got - want).abs().max()):.3g})"
+            )
 
     def _step_fn(self, b: int) -> Callable[[], torch.Tensor]:
         def step() -> torch.Tensor:
@@ -217,12 +244,12 @@ class DecodeGraphs:
         lens[R:B] = 1
         tables[R:B, 0] = self.scratch_block
         nb = self._copied is not None
-        self._rows.copy_(self._h_rows, non_blocking=nb)
-        self.tables[:B, :width].copy_(self._h_tables[: B * width].view(B, width), non_blocking=nb)
-        if self._copied is not None:
-            self._copied.record()
         graph = self._graphs[B]
-        with torch.inference_mode():
+        with self._on_device(), torch.inference_mode():
+            self._rows.copy_(self._h_rows, non_blocking=nb)
+            self.tables[:B, :width].copy_(self._h_tables[: B * width].view(B, width), non_blocking=nb)
+            if self._copied is not None:
+                self._copied.record()
             graph.replay()
         logits = graph.out[:R]
         if len(rows) < R:

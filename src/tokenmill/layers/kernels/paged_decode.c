@@ -361,11 +361,12 @@ static int paged_decode_bf16_avx512(const uint16_t *q, const uint16_t *k_cache, 
             continue;
         }
         const int64_t *table = tables + (int64_t)r * width;
-        {
+        if (heads_per_task == Hkv) {
             /* Ask for the row's first keys and values (every KV head of them) into L2 at once:
              * its blocks are scattered over the pool, and one block ahead (below) does not
              * keep enough reads in flight (30 layers of 64 rows of ~100-160 scattered keys: 20-24%
-             * faster; a 64-row SmolLM2 decode step: 5%). */
+             * faster; a 64-row SmolLM2 decode step: 5%). Tasks of one KV head (few rows)
+             * leave it to the per-block prefetch below. */
             const int64_t bsk = (int64_t)block_size * kstride, bsv = (int64_t)block_size * vstride;
             const int64_t last = first / block_size + PD_L2_AHEAD / ((bsk + bsv) * 2);
             for (int64_t b = first / block_size; b * block_size < len && b <= last; ++b) {
