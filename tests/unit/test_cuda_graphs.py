@@ -198,3 +198,56 @@ def test_a_graph_that_recorded_nothing_is_caught_at_start(model_dir, monkeypatch
     ref = LLM(model_dir, dtype="float32", device="cpu", max_batch_size=2, enforce_eager=True)
     sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     assert llm.generate("hi", sp)[0].outputs[0].token_ids == ref.generate("hi", sp)[0].outputs[0].token_ids
+
+
+def test_the_captured_step_never_waits_on_the_device(model_dir, monkeypatch):
+    """What a CUDA capture forbids, checked on the CPU: no op of the step may read a
+    tensor's value on the host (``.item()``, ``int(t)``, ``nonzero``, ``tolist``...).
+    The step runs the PyTorch attention path (on CUDA, Triton takes its place; the C
+    kernels here check bounds on the host, which CUDA graphs never run)."""
+    import functools
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    syncs = {
+        aten.item.default,
+        aten._local_scalar_dense.default,
+        aten.is_nonzero.default,
+        aten.nonzero.default,
+        aten.equal.default,
+    }
+
+    class NoHostReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in syncs:
+                raise AssertionError(f"{func} reads a device value on the host inside a decode step")
+            return func(*args, **(kwargs or {}))
+
+    def capture_checked(fn, pool):
+        with NoHostReads():
+            out = fn().clone()
+
+        def replay():
+            with NoHostReads():
+                out.copy_(fn())
+
+        return cuda_graphs._Captured(replay, out)
+
+    monkeypatch.setattr(cuda_graphs, "capture", capture_checked)
+    monkeypatch.setattr(cuda_graphs, "wanted", lambda *a: (True, ""))
+    monkeypatch.setattr(
+        cuda_graphs, "PagedAttention", functools.partial(cuda_graphs.PagedAttention, use_kernels=False)
+    )
+    # the check must see a host read where there is one
+    with pytest.raises(AssertionError, match="reads a device value on the host"), NoHostReads():
+        int(torch.ones(2).sum())
+    llm = LLM(model_dir, dtype="float32", device="cpu", max_batch_size=3, enforce_eager=True)
+    llm.runner.model._decode_stack = False  # the C stack is CPU-only
+    graphs = cuda_graphs.DecodeGraphs(
+        llm.runner.forward, llm.engine.cache, llm.engine.cache.num_blocks - 1, 64, [1, 2, 4]
+    )
+    req = types.SimpleNamespace(request_id="x", num_computed_tokens=5, all_token_ids=list(range(3, 9)))
+    row = types.SimpleNamespace(request=req, num_new_tokens=1, samples=True)
+    logits, samplers = graphs.run([row, row, row], {"x": [0]})
+    assert logits.shape == (3, llm.config.vocab_size) and samplers == [row, row, row]
