@@ -69,9 +69,12 @@ class SamplingBatch:
         if self.use_pf:
             cols["presence"] = [p.presence_penalty for p in params]
             cols["frequency"] = [p.frequency_penalty for p in params]
-        values = torch.tensor(list(cols.values()), dtype=torch.float32).to(device) if cols else None
         for name in _ROW_PARAMS:
-            setattr(self, name, values[list(cols).index(name)] if name in cols else None)
+            setattr(self, name, None)
+        if cols:
+            values = torch.tensor(list(cols.values()), dtype=torch.float32).to(device)
+            for name, row in zip(cols, values):
+                setattr(self, name, row)
         if self.greedy is not None:
             self.greedy = self.greedy.bool()
         if self.top_k is not None:
@@ -147,13 +150,19 @@ class SamplingBatch:
         return logits
 
     def sample(self, raw_logits: torch.Tensor, num_generated: list[int]) -> SampleResult:
-        # (a subclass with its own process(), such as the seq2seq rules, always runs it)
+        # Greedy with nothing to change the logits: their raw arg-max. (A subclass with its
+        # own process(), such as the seq2seq rules, always runs it.)
         if self.all_greedy and self.plain and type(self).process is SamplingBatch.process:
             tokens = _argmax(raw_logits)
-            self.record(tokens)
-            token_list = tokens.tolist()
-            return SampleResult(token_list, self._logprobs(raw_logits, tokens, token_list))
-        logits = self.process(raw_logits, num_generated)
+        else:
+            tokens = self._draw(self.process(raw_logits, num_generated))
+        self.record(tokens)
+        token_list = tokens.tolist()
+        return SampleResult(token_list, self._logprobs(raw_logits, tokens, token_list))
+
+    def _draw(self, logits: torch.Tensor) -> torch.Tensor:
+        """The tokens from processed float32 logits: greedy rows take the arg-max, the others
+        a draw after temperature and the filters."""
         greedy_tokens = logits.argmax(dim=-1)
         if self.all_greedy:
             tokens = greedy_tokens
@@ -168,9 +177,7 @@ class SamplingBatch:
             probs = x.softmax(dim=-1)
             sampled = (probs / self._exponential(probs)).argmax(dim=-1)
             tokens = torch.where(self.greedy, greedy_tokens, sampled)
-        self.record(tokens)
-        token_list = tokens.tolist()
-        return SampleResult(token_list, self._logprobs(raw_logits, tokens, token_list))
+        return tokens
 
     def _exponential(self, probs: torch.Tensor) -> torch.Tensor:
         """Exp(1) noise; argmax(p / q) is a draw from p (the Gumbel-max trick, no host sync)."""

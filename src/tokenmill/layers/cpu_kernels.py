@@ -36,6 +36,7 @@ _SOURCES = [
         "decode_stack.c",
     )
 ]
+_HEADERS = sorted((Path(__file__).parent / "kernels").glob("*.h"))
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -98,9 +99,10 @@ def _library() -> ctypes.CDLL | None:
     if os.environ.get("TOKENMILL_CPU_KERNELS", "1") == "0":
         return None
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if cc is None or not all(src.exists() for src in _SOURCES):
+    if cc is None or not _HEADERS or not all(src.exists() for src in _SOURCES):
         return None
-    source = b"".join(src.read_bytes() for src in _SOURCES)
+    # the headers too: a change to one must rebuild the library
+    source = b"".join(src.read_bytes() for src in [*_SOURCES, *_HEADERS])
     key = hashlib.sha256(source + " ".join(_FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
     path = _cache_dir() / f"tokenmill_kernels-{key}.so"
     try:

@@ -17,6 +17,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 /* Weight rows per block, the unit of work of the OpenMP loop. */
 #define BF16_ROWS 16
 /* Most activation rows the streaming GEMV takes; from 5 rows on, the tiled product. */
@@ -31,20 +33,7 @@
 /* Below this many weights the OpenMP team costs more than the second core saves. */
 #define BF16_PARALLEL_MIN (1 << 15)
 
-static inline uint16_t bf16_round(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if (isnan(f)) return (uint16_t)((u >> 16) | 0x40); /* stay NaN */
-    u += 0x7fff + ((u >> 16) & 1);                     /* to nearest, ties to even */
-    return (uint16_t)(u >> 16);
-}
 
-static inline float bf16_widen(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 
@@ -93,9 +82,9 @@ static inline float bf16_widen(uint16_t h) {
                 for (int i = 0; i < MB; i++)                                                       \
                     BF16_MAC(a1[i], _mm512_maskz_loadu_epi16(tail, x + i * K + k), w1);            \
             }                                                                                      \
-            const float bias = b ? bf16_widen(b[n + r]) : 0.0f;                                    \
+            const float bias = b ? bf16_to_f32(b[n + r]) : 0.0f;                                    \
             for (int i = 0; i < MB; i++)                                                           \
-                y[i * N + n + r] = bf16_round(_mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i])) + bias); \
+                y[i * N + n + r] = f32_to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i])) + bias); \
         }                                                                                          \
     } while (0)
 
@@ -149,7 +138,7 @@ static void bf16_block(const uint16_t *x, const uint16_t *w, const uint16_t *b, 
         for (int i = 0; i < MB; i++)                                                               \
             for (int j = 0; j < nw; j++)                                                           \
                 y[(m0 + i) * N + n + j] =                                                          \
-                    bf16_round(_mm512_reduce_add_ps(acc[i][j]) + (b ? bf16_widen(b[n + j]) : 0.0f)); \
+                    f32_to_bf16(_mm512_reduce_add_ps(acc[i][j]) + (b ? bf16_to_f32(b[n + j]) : 0.0f)); \
     } while (0)
 
 static void bf16_tile_block(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16_t *y, int64_t M,
@@ -196,7 +185,6 @@ int bf16_gemv(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16_t 
 int bf16_gemv(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16_t *y, int64_t M, int64_t N,
               int64_t K, int nthreads) {
     (void)x, (void)w, (void)b, (void)y, (void)M, (void)N, (void)K, (void)nthreads;
-    (void)bf16_round, (void)bf16_widen;
     return 1;
 }
 

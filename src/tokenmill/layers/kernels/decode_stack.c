@@ -23,6 +23,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 /* Every product here is rounded before it is summed, as in PyTorch: no fused multiply-adds. */
 #pragma GCC optimize("fp-contract=off")
 
@@ -62,20 +64,7 @@ typedef struct {
     double eps, scale;
 } ds_dims;
 
-static inline float ds_f32(uint16_t x) {
-    uint32_t u = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
 
-static inline uint16_t ds_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 #define DS_MAX_LANES 16
 
@@ -123,14 +112,14 @@ static void ds_rmsnorm(uint16_t *x, const uint16_t *add, const uint16_t *w, uint
     for (int64_t m = 0; m < M; m++) {
         uint16_t *xr = x + m * C;
         if (add)
-            for (int64_t c = 0; c < C; c++) xr[c] = ds_bf16(ds_f32(xr[c]) + ds_f32(add[m * C + c]));
+            for (int64_t c = 0; c < C; c++) xr[c] = f32_to_bf16(bf16_to_f32(xr[c]) + bf16_to_f32(add[m * C + c]));
         for (int64_t c = 0; c < C; c++) {
-            const float f = ds_f32(xr[c]);
+            const float f = bf16_to_f32(xr[c]);
             scratch[c] = f * f;
         }
         const float mean = ds_aten_sum(scratch, C, lanes) / (float)C;
         const float r = 1.0f / sqrtf(mean + eps);
-        for (int64_t c = 0; c < C; c++) out[m * C + c] = ds_bf16(ds_f32(w[c]) * ds_f32(ds_bf16(ds_f32(xr[c]) * r)));
+        for (int64_t c = 0; c < C; c++) out[m * C + c] = f32_to_bf16(bf16_to_f32(w[c]) * bf16_to_f32(f32_to_bf16(bf16_to_f32(xr[c]) * r)));
     }
 }
 
@@ -158,7 +147,7 @@ static int ds_linear_run(const ds_linear *l, const uint16_t *x, uint16_t *y, int
                                                                   y, M, l->N, l->K, l->group, nthreads);
     if (rc == 0 && l->bias)
         for (int64_t m = 0; m < M; m++)
-            for (int64_t n = 0; n < l->N; n++) y[m * l->N + n] = ds_bf16(ds_f32(y[m * l->N + n]) + ds_f32(l->bias[n]));
+            for (int64_t n = 0; n < l->N; n++) y[m * l->N + n] = f32_to_bf16(bf16_to_f32(y[m * l->N + n]) + bf16_to_f32(l->bias[n]));
     return rc;
 }
 
@@ -210,7 +199,7 @@ int decode_stack_bf16(const ds_layer *layers, const ds_dims *d, uint16_t *x, int
         if ((rc = ds_linear_run(&L->down, act, y, M, nt))) break;
     }
     if (rc == 0)
-        for (int64_t i = 0; i < M * C; i++) x[i] = ds_bf16(ds_f32(y[i]) + ds_f32(res[i]));
+        for (int64_t i = 0; i < M * C; i++) x[i] = f32_to_bf16(bf16_to_f32(y[i]) + bf16_to_f32(res[i]));
     free(row);
     return rc;
 }

@@ -26,17 +26,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define A8_ROWS 16
 #define A8_MAX_MB 8
 #define A8_PARALLEL_MIN (1 << 15)
 #define A8_CHUNK_BYTES (256 << 10)
 
-static inline float a8_f32(uint16_t x) {
-    uint32_t u = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 /* One row of x (K bf16) -> its int8 codes (Kp, padded with zeros), and per group the scale
  * a = max|x| / 127, the float sum of x and the int32 sum of the codes. Scalar version. */
@@ -47,7 +43,7 @@ static void a8_quantize_row_scalar(const uint16_t *x, int8_t *xq, float *a, floa
         const int64_t k0 = g * G, k1 = k0 + G < K ? k0 + G : K;
         float amax = 0.0f, sum = 0.0f;
         for (int64_t k = k0; k < k1; k++) {
-            const float f = a8_f32(x[k]);
+            const float f = bf16_to_f32(x[k]);
             sum += f;
             amax = fabsf(f) > amax ? fabsf(f) : amax;
         }
@@ -57,7 +53,7 @@ static void a8_quantize_row_scalar(const uint16_t *x, int8_t *xq, float *a, floa
         for (int64_t k = k0; k < k0 + G; k++) {
             int32_t q = 0;
             if (k < k1) {
-                q = (int32_t)nearbyintf(a8_f32(x[k]) * inv);
+                q = (int32_t)nearbyintf(bf16_to_f32(x[k]) * inv);
                 q = q > 127 ? 127 : (q < -127 ? -127 : q);
             }
             xq[k] = (int8_t)q;
