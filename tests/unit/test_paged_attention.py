@@ -122,6 +122,37 @@ def test_cpu_kernel_equals_reference_on_long_contexts(dtype, R, H, Hkv, D, bs):
 
 
 @pytest.mark.skipif(not cpu_kernels.paged_decode_available(torch.bfloat16), reason="no C compiler here")
+@pytest.mark.parametrize(
+    "H,Hkv,D,bs",
+    [(9, 3, 64, 16), (16, 2, 128, 8), (4, 4, 32, 5), (8, 1, 64, 32)],
+)
+def test_cpu_kernel_whole_row_tasks_equal_one_head_tasks_bit_for_bit(H, Hkv, D, bs):
+    """A batch of rows runs whole-row tasks (each block read once for every KV head, the
+    next row's keys requested during this one's values); one row alone runs one task per
+    KV head. Both must give the same bits, row for row, windows and scattered blocks too."""
+    torch.manual_seed(3)
+    lens = torch.tensor([1, 17, 300, 64, 129, 5, 250, 33])
+    R, width = len(lens), int(-(-lens.max() // bs))
+    NB = R * width + 7
+    kc = torch.randn(NB, bs, Hkv, D).bfloat16()
+    vc = torch.randn(NB, bs, Hkv, D).bfloat16()
+    tables = torch.randperm(NB)[: R * width].view(R, width)
+    q = torch.randn(R, H, D).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # 8 rows: whole-row tasks; 1 row: (row, KV head) tasks
+        for window in (None, 40):
+            batch = cpu_kernels.paged_decode(q, kc, vc, tables, lens, 0.125, window)
+            for r in range(R):
+                alone = cpu_kernels.paged_decode(
+                    q[r : r + 1], kc, vc, tables[r : r + 1], lens[r : r + 1], 0.125, window
+                )
+                assert torch.equal(batch[r].view(torch.int16), alone[0].view(torch.int16)), (r, window)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not cpu_kernels.paged_decode_available(torch.bfloat16), reason="no C compiler here")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_kernel_propagates_nan_to_its_own_row_only(dtype):
     torch.manual_seed(2)

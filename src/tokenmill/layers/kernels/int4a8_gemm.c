@@ -22,6 +22,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -121,40 +122,58 @@ void int4a8_quantize_rows(const uint16_t *x, int8_t *xq, float *a, float *xsum, 
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512BF16__)
 
+/* acc += a (unsigned bytes) . the 4 signed bytes at p, broadcast. GCC 12 compiles the
+ * intrinsic with a separate broadcast and a register copy per accumulator (VPDPBUSD
+ * overwrites its accumulator); written out, the broadcast is the instruction's memory
+ * operand and the accumulators stay put. */
+static inline __attribute__((always_inline)) __m512i a8_dpbusd(__m512i acc, __m512i a, const int32_t *p) {
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(a), "m"(*p));
+    return acc;
+}
+
+/* The activations of a chunk of up to A8_MAX_MB rows, interleaved so that one pointer
+ * walks them all: codes as [Kp / 8][mb][8] (the 8 codes of one column step of each row
+ * side by side), and per group the rows' scales a, float sums of x and -8 x the code sums
+ * as [groups][mb]. With one base pointer and constant offsets, every activation broadcast
+ * is an operand of its VPDPBUSD (no row pointers spilled), and the weights' zero offset
+ * (-8 sum xq) seeds the integer accumulator instead of costing a subtraction per group.
+ * With a8_dpbusd: 30 SmolLM2 layers 1.09x faster at 64 rows, 1.05-1.08x at 512, the
+ * 49152-output LM head 1.13x at 64 rows; the same bits. */
+typedef struct {
+    const int8_t *xq;
+    const float *a, *xsum;
+    const int32_t *neg8;
+} a8_chunk;
+
 #define A8_DOT(MB)                                                                                    \
     do {                                                                                              \
         __m512 tot[MB];                                                                               \
         for (int i = 0; i < MB; i++) tot[i] = _mm512_setzero_ps();                                    \
+        const int32_t *xs = (const int32_t *)ch->xq;                                                  \
         for (int64_t g = 0; g < groups; g++) {                                                        \
             __m512i acc[MB];                                                                          \
-            for (int i = 0; i < MB; i++) acc[i] = _mm512_setzero_si512();                             \
+            /* sum (q - 8) xq = sum q xq - 8 sum xq, exact in int32 */                                \
+            for (int i = 0; i < MB; i++) acc[i] = _mm512_set1_epi32(ch->neg8[g * MB + i]);            \
             const uint8_t *wg = wb + g * G * (A8_ROWS / 2);                                           \
             _mm_prefetch((const char *)(szp + 2 * ((g + 1) * N + n)), _MM_HINT_T0);                   \
-            for (int64_t t = 0; t < G / 8; t++) {                                                     \
+            for (int64_t t = 0; t < G / 8; t++, xs += 2 * MB) {                                       \
                 /* the same line of the next block: memory streams while this one computes */       \
                 _mm_prefetch((const char *)(wg + 64 * t + Kp * (A8_ROWS / 2)), _MM_HINT_T0);          \
                 const __m512i c = _mm512_loadu_si512(wg + 64 * t);                                    \
                 const __m512i lo = _mm512_and_si512(c, nib);                                          \
                 const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), nib);                    \
-                const int8_t *xk = xq + m0 * Kp + g * G + 8 * t;                                      \
                 for (int i = 0; i < MB; i++) {                                                        \
-                    int32_t x03, x47;                                                                 \
-                    memcpy(&x03, xk + i * Kp, 4);                                                     \
-                    memcpy(&x47, xk + i * Kp + 4, 4);                                                 \
-                    acc[i] = _mm512_dpbusd_epi32(acc[i], lo, _mm512_set1_epi32(x03));                 \
-                    acc[i] = _mm512_dpbusd_epi32(acc[i], hi, _mm512_set1_epi32(x47));                 \
+                    acc[i] = a8_dpbusd(acc[i], lo, xs + 2 * i);                                       \
+                    acc[i] = a8_dpbusd(acc[i], hi, xs + 2 * i + 1);                                   \
                 }                                                                                     \
             }                                                                                         \
             const __m512i sz = _mm512_maskz_loadu_epi32(live, szp + 2 * (g * N + n));                 \
             const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(sz, 16));                          \
             const __m512 z = _mm512_castsi512_ps(_mm512_and_si512(sz, _mm512_set1_epi32((int)0xffff0000))); \
             for (int i = 0; i < MB; i++) {                                                            \
-                const int64_t mg = (m0 + i) * groups + g;                                             \
-                /* sum (q - 8) xq = sum q xq - 8 sum xq, exact in int32 */                            \
-                const __m512i d = _mm512_sub_epi32(acc[i], _mm512_set1_epi32(8 * xqsum[mg]));         \
-                const __m512 sa = _mm512_mul_ps(s, _mm512_set1_ps(a[mg]));                            \
-                tot[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sa, tot[i]);                          \
-                tot[i] = _mm512_fmadd_ps(z, _mm512_set1_ps(xsum[mg]), tot[i]);                        \
+                const __m512 sa = _mm512_mul_ps(s, _mm512_set1_ps(ch->a[g * MB + i]));                \
+                tot[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i]), sa, tot[i]);                     \
+                tot[i] = _mm512_fmadd_ps(z, _mm512_set1_ps(ch->xsum[g * MB + i]), tot[i]);            \
             }                                                                                         \
         }                                                                                             \
         for (int i = 0; i < MB; i++)                                                                  \
@@ -162,24 +181,46 @@ void int4a8_quantize_rows(const uint16_t *x, int8_t *xq, float *a, float *xsum, 
                                      (__m256i)_mm512_cvtneps_pbh(tot[i]));                            \
     } while (0)
 
-static void a8_block(const int8_t *xq, const float *a, const float *xsum, const int32_t *xqsum, const uint8_t *w,
-                     const uint16_t *szp, uint16_t *y, int64_t M, int64_t N, int64_t Kp, int64_t G, int64_t blk) {
+/* One block of 16 outputs for the rows of chunks [c0, c1) (chunk c holds rows 8c..). */
+static void a8_block(const a8_chunk *chunks, int64_t c0, int64_t c1, const uint8_t *w, const uint16_t *szp,
+                     uint16_t *y, int64_t M, int64_t N, int64_t Kp, int64_t G, int64_t blk) {
     const int64_t n = blk * A8_ROWS;
     const int64_t groups = Kp / G;
     const __mmask16 live = N - n >= A8_ROWS ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
     const uint8_t *wb = w + blk * Kp * (A8_ROWS / 2);
     const __m512i nib = _mm512_set1_epi8(0x0f);
-    int64_t m0 = 0;
-    for (; m0 + A8_MAX_MB <= M; m0 += A8_MAX_MB) A8_DOT(A8_MAX_MB);
-    switch (M - m0) {
-    case 7: A8_DOT(7); break;
-    case 6: A8_DOT(6); break;
-    case 5: A8_DOT(5); break;
-    case 4: A8_DOT(4); break;
-    case 3: A8_DOT(3); break;
-    case 2: A8_DOT(2); break;
-    case 1: A8_DOT(1); break;
-    default: break;
+    for (int64_t c = c0; c < c1; c++) {
+        const a8_chunk *ch = &chunks[c];
+        const int64_t m0 = c * A8_MAX_MB;
+        switch (M - m0 < A8_MAX_MB ? M - m0 : A8_MAX_MB) {
+        case 8: A8_DOT(8); break;
+        case 7: A8_DOT(7); break;
+        case 6: A8_DOT(6); break;
+        case 5: A8_DOT(5); break;
+        case 4: A8_DOT(4); break;
+        case 3: A8_DOT(3); break;
+        case 2: A8_DOT(2); break;
+        default: A8_DOT(1); break;
+        }
+    }
+}
+
+/* Rows [m0, m0 + mb) of x quantized into chunk form: each row's codes and per-group
+ * values are first written row-major to the scratch rowq / rowv (one row at a time), then
+ * spread into the chunk. */
+static void a8_quantize_chunk(const uint16_t *x, int64_t m0, int64_t mb, int64_t K, int64_t Kp, int64_t G,
+                              int8_t *rowq, float *rowv, int8_t *dq, float *da, float *dsum, int32_t *dneg8) {
+    const int64_t groups = Kp / G;
+    float *ra = rowv, *rsum = rowv + groups;
+    int32_t *rqs = (int32_t *)(rowv + 2 * groups);
+    for (int64_t i = 0; i < mb; i++) {
+        a8_quantize_row(x + (m0 + i) * K, rowq, ra, rsum, rqs, K, G);
+        for (int64_t t = 0; t < Kp / 8; t++) memcpy(dq + (t * mb + i) * 8, rowq + 8 * t, 8);
+        for (int64_t g = 0; g < groups; g++) {
+            da[g * mb + i] = ra[g];
+            dsum[g * mb + i] = rsum[g];
+            dneg8[g * mb + i] = -8 * rqs[g];
+        }
     }
 }
 
@@ -189,21 +230,42 @@ int int4a8_gemm_bf16(const uint16_t *x, const uint8_t *w, const uint16_t *sz, ui
                      int64_t K, int64_t G, int nthreads) {
     if (G % 8 || M < 1) return M < 1 ? 0 : 1;
     const int64_t groups = (K + G - 1) / G, Kp = groups * G;
-    char *buf = malloc(M * Kp + M * groups * (2 * sizeof(float) + sizeof(int32_t)) + 64);
+    const int64_t nchunks = (M + A8_MAX_MB - 1) / A8_MAX_MB;
+    const int team = M * N * K >= A8_PARALLEL_MIN ? (nthreads > 0 ? nthreads : 1) : 1;
+    /* the chunks' codes and per-group values, the chunk table, then per thread one row's
+     * codes and values on their way into a chunk */
+    const int64_t rowbytes = Kp + groups * (2 * sizeof(float) + sizeof(int32_t));
+    const int64_t per = (M * rowbytes + 63) / 64 * 64, rowsz = (rowbytes + 63) / 64 * 64;
+    char *buf = malloc(per + nchunks * sizeof(a8_chunk) + team * rowsz + 64);
     if (!buf) return 2;
-    float *a = (float *)buf, *xsum = a + M * groups;
-    int32_t *xqsum = (int32_t *)(xsum + M * groups);
-    int8_t *xq = (int8_t *)(xqsum + M * groups);
-    int4a8_quantize_rows(x, xq, a, xsum, xqsum, M, K, G, nthreads);
+    float *ca = (float *)buf, *csum = ca + M * groups;
+    int32_t *cneg8 = (int32_t *)(csum + M * groups);
+    int8_t *cq = (int8_t *)(cneg8 + M * groups);
+    a8_chunk *chunks = (a8_chunk *)(buf + per);
+    char *rows = (char *)(chunks + nchunks);
     const int64_t blocks = (N + A8_ROWS - 1) / A8_ROWS;
-    /* Rows in chunks whose codes stay in L2 while every block of weights passes over them. */
-    int64_t chunk = (A8_CHUNK_BYTES / Kp) / A8_MAX_MB * A8_MAX_MB;
-    chunk = chunk < A8_MAX_MB ? A8_MAX_MB : chunk;
-    for (int64_t m0 = 0; m0 < M; m0 += chunk) {
-        const int64_t rows = M - m0 < chunk ? M - m0 : chunk, off = m0 * groups;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows * N * K >= A8_PARALLEL_MIN)
-        for (int64_t blk = 0; blk < blocks; blk++)
-            a8_block(xq + m0 * Kp, a + off, xsum + off, xqsum + off, w, sz, y + m0 * N, rows, N, Kp, G, blk);
+    /* Rows in spans whose codes stay in L2 while every block of weights passes over them. */
+    int64_t span = (A8_CHUNK_BYTES / Kp) / A8_MAX_MB;
+    span = span < 1 ? 1 : span;
+    /* One team for the activations and the products (no second fork and join, and the
+     * rounding of the activations no longer runs on one thread while the other waits). */
+#pragma omp parallel num_threads(team)
+    {
+        char *mine = rows + omp_get_thread_num() * rowsz;
+        float *rowv = (float *)mine;
+        int8_t *rowq = (int8_t *)(rowv + groups * 3);
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < nchunks; c++) {
+            const int64_t m0 = c * A8_MAX_MB, mb = M - m0 < A8_MAX_MB ? M - m0 : A8_MAX_MB;
+            a8_quantize_chunk(x, m0, mb, K, Kp, G, rowq, rowv, cq + m0 * Kp, ca + m0 * groups, csum + m0 * groups,
+                              cneg8 + m0 * groups);
+            chunks[c] = (a8_chunk){cq + m0 * Kp, ca + m0 * groups, csum + m0 * groups, cneg8 + m0 * groups};
+        }
+        for (int64_t c0 = 0; c0 < nchunks; c0 += span) {
+            const int64_t c1 = c0 + span < nchunks ? c0 + span : nchunks;
+#pragma omp for schedule(static)
+            for (int64_t blk = 0; blk < blocks; blk++) a8_block(chunks, c0, c1, w, sz, y, M, N, Kp, G, blk);
+        }
     }
     free(buf);
     return 0;
