@@ -120,7 +120,7 @@ def _both(model, x, positions, ctx, monkeypatch):
     return out, ref, ctx, ref_ctx, len(calls)
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma3"])
 @pytest.mark.parametrize(
     "quant,lens",
     [
@@ -162,6 +162,61 @@ def test_stack_equals_layer_by_layer_at_smollm2_widths(quant, lens, monkeypatch)
         assert torch.equal(a, b)
 
 
+def _gemma_wide(quant: str | None):
+    """Gemma 3 270M's widths (640 / 2048, 4 query heads and 1 KV head of 256) in 2 layers,
+    one sliding, one full: head size 256 takes the generic attention kernel."""
+    import transformers
+
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=tiny.VOCAB,
+        hidden_size=640,
+        intermediate_size=2048,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        max_position_embeddings=256,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=256,
+    )
+    torch.manual_seed(4)
+    hf = transformers.Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # norms away from their zero init, so (1 + w) is not all ones
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model = tiny.native_from_hf(hf, torch.bfloat16)
+    if quant:
+        quantize_model(model, quant, 32, dtype=torch.bfloat16)
+    else:
+        assert pack_linears_for_onednn(model)
+    return model
+
+
+@pytest.mark.parametrize(
+    "quant,lens", [(None, [7]), (None, [9, 30, 17, 5, 1, 40, 2]), ("w4a8", [9, 30, 17, 5, 40, 2])]
+)
+def test_gemma3_stack_equals_layer_by_layer_at_gemma3_270m_widths(quant, lens, monkeypatch):
+    model = _gemma_wide(quant)
+    x, positions, ctx = _step(model, lens)
+    out, ref, ctx, ref_ctx, calls = _both(model, x, positions, ctx, monkeypatch)
+    assert calls == 1
+    assert torch.equal(out, ref)
+    for a, b in zip(ctx.cache.k + ctx.cache.v, ref_ctx.cache.k + ref_ctx.cache.v):
+        assert torch.equal(a, b)
+
+
+def test_gemma3_stack_refuses_a_step_without_the_local_rope():
+    model = _model("gemma3", "int4")
+    x, positions, ctx = _step(model, [5, 9])
+    stack, why = DecodeStack.build(model)
+    assert stack is not None, why
+    cos, sin, *_ = model.rope_tables(positions, x.dtype, ctx)
+    with pytest.raises(ValueError, match="local rope"):
+        stack.run(x, cos, sin, ctx)
+
+
 def test_bf16_stack_takes_the_rows_its_layers_send_to_the_kernel():
     stack, _ = DecodeStack.build(_model("llama", None))
     assert stack.max_rows == cpu_kernels.BF16_TILE_MAX_ROWS == 64
@@ -197,11 +252,13 @@ def test_mistral_window_is_applied():
         ("bf16 rows", None),  # 65 rows of bf16 weights: more than the bf16 kernel takes
         ("chunk", None),  # a prefill chunk in the step
         ("no kernels", None),  # the reference path was asked for
-        ("qwen3", "per-head q/k norms"),
+        ("gelu llama", "layer 0 is not a SiLU-gated layer of its family"),
     ],
 )
 def test_steps_the_stack_does_not_take_run_layer_by_layer(case, why, monkeypatch):
-    model = _model("qwen3" if case == "qwen3" else "llama", None)
+    model = _model("llama", None)
+    if case == "gelu llama":  # an activation the stack was not built for
+        model.model.layers[0].mlp.act = torch.nn.functional.gelu
     lens = [(5 * i) % 13 + 1 for i in range(65)] if case == "bf16 rows" else [4, 6]
     x, positions, ctx = _step(model, lens, chunk=case == "chunk")
     if case == "chunk":  # the chunk's token rides along as a sixth row
@@ -254,10 +311,11 @@ def test_rmsnorm_matches_pytorch_bit_for_bit(hidden):
         assert not torch.equal(sums[1 if lanes != 1 else 4], sq.sum(-1))
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("quant", [None, "int4", "w4a8"])
-def test_engine_greedy_outputs_unchanged_by_the_stack(llama_dir, quant):
+def test_engine_greedy_outputs_unchanged_by_the_stack(tiny_root, arch, quant):
     """Whole requests through the engine, batched: tokens and logprobs equal with and without the stack."""
-    llm = LLM(llama_dir, dtype="bfloat16", quantization=quant)
+    llm = LLM(tiny.save_tiny_dir(arch, tiny_root), dtype="bfloat16", quantization=quant)
     model = llm.engine.runner.model
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
     prompts = ["The capital of France", "Hello", "def f(x):", "Rome"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,6 +60,28 @@ def test_silu_mul_equals_the_chain(rows):
     _assert_bf16_equal(cpu_kernels.silu_mul(gu), F.silu(gate) * up)
 
 
+@pytest.mark.parametrize("rows", [1, 64])
+def test_gelu_tanh_mul_equals_the_chain_and_is_exact_in_the_tail(rows):
+    """gelu(gate, approximate="tanh") * up as PyTorch computes it, to the last bf16 bit but
+    for rare ties, where gelu is not tiny; below x = -3 PyTorch's 1 + tanh cancels, and the
+    kernel's x / (1 + exp(-2z)) is the closer of the two to the float64 value."""
+    torch.manual_seed(rows)
+    gu = (torch.randn(rows, 2 * 2048) * 3).to(bf16)
+    gu[0, :5] = torch.tensor([-100.0, 100.0, 0.0, -0.0, -9.0])
+    gate, up = gu.chunk(2, -1)
+    out, ref = cpu_kernels.gelu_tanh_mul(gu), F.gelu(gate, approximate="tanh") * up
+    body = gate.float() >= -3
+    _assert_bf16_equal(out[body], ref[body])
+    # The tail, activation alone: within one bf16 rounding of the float64 value, computed
+    # as x sigmoid(2z) (0.5 (1 + tanh(z)) = sigmoid(2z)): F.gelu cancels in float64 too.
+    act = cpu_kernels.gelu_tanh_mul(torch.cat([gate, torch.ones_like(gate)], -1)).double()
+    x = gate.double()
+    exact = x * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))
+    tail = ~body
+    assert bool(((act - exact).abs() <= exact.abs() * 2.0**-8 + 1e-37)[tail].all())  # 0 past exp range
+    assert torch.equal(out[0, :4], ref[0, :4])  # far tails and signed zeros as PyTorch gives them
+
+
 def test_bad_shapes_are_refused_with_a_message():
     with pytest.raises(ValueError, match="x, cos and sin do not agree"):
         cpu_kernels.rope_(
@@ -65,6 +89,8 @@ def test_bad_shapes_are_refused_with_a_message():
         )
     with pytest.raises(ValueError, match="gate and up halves"):
         cpu_kernels.silu_mul(torch.randn(2, 7).to(bf16))
+    with pytest.raises(ValueError, match="gelu_tanh_mul: the last dim must hold gate and up halves"):
+        cpu_kernels.gelu_tanh_mul(torch.randn(2, 7).to(bf16))
 
 
 def test_fused_available_only_for_contiguous_cpu_bf16():

@@ -133,14 +133,15 @@ def _library() -> ctypes.CDLL | None:
     lib.argmax_bf16.argtypes = [ptr, ptr, i64, i64, i32]
     lib.argmax_bf16.restype = None
     lib.silu_mul_bf16.argtypes = [ptr, ptr, i64, i32, i32]
+    lib.gelu_tanh_mul_bf16.argtypes = [ptr, ptr, i64, i32, i32]
     lib.kv_write.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, ptr, i64, i64]
-    for name in ("rope_bf16", "silu_mul_bf16", "kv_write"):
+    for name in ("rope_bf16", "silu_mul_bf16", "gelu_tanh_mul_bf16", "kv_write"):
         getattr(lib, name).restype = None
     lib.bf16_gemv.argtypes = [ptr] * 4 + [i64] * 3 + [i32]
     lib.int4_gemm_bf16.argtypes = [ptr] * 4 + [i64] * 4 + [i32]
     lib.int4a8_gemm_bf16.argtypes = [ptr] * 4 + [i64] * 4 + [i32]
     # The decode stack (layers/decode_stack.py): its structures travel by pointer.
-    lib.decode_stack_bf16.argtypes = [ptr, ptr, ptr, i64] + [ptr] * 4 + [i64] + [ptr] * 3
+    lib.decode_stack_bf16.argtypes = [ptr, ptr, ptr, i64] + [ptr] * 4 + [i64] + [ptr] * 5
     lib.decode_stack_rmsnorm.argtypes = [ptr] * 4 + [i64, i64, ctypes.c_double, i64]
     lib.decode_stack_sum.argtypes = [ptr, ptr, i64, i64, i64]
     for name in (
@@ -286,18 +287,27 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> 
     )
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for a contiguous bf16 ``gate_up`` = [gate | up] on the last dim."""
+def _gated(kernel: str, gate_up: torch.Tensor) -> torch.Tensor:
     lib = _library()
     assert lib is not None
     two_i = gate_up.shape[-1]
     if two_i % 2:
-        raise ValueError("silu_mul: the last dim must hold gate and up halves of equal size")
+        raise ValueError(f"{kernel}: the last dim must hold gate and up halves of equal size")
     out = gate_up.new_empty((*gate_up.shape[:-1], two_i // 2))
-    lib.silu_mul_bf16(
+    getattr(lib, f"{kernel}_bf16")(
         gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // two_i, two_i // 2, torch.get_num_threads()
     )
     return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for a contiguous bf16 ``gate_up`` = [gate | up] on the last dim."""
+    return _gated("silu_mul", gate_up)
+
+
+def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gelu(gate, approximate="tanh") * up for a contiguous bf16 ``gate_up`` = [gate | up]."""
+    return _gated("gelu_tanh_mul", gate_up)
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor | None:

@@ -1,4 +1,4 @@
-"""A Llama-family decoder stack run as one C call for decode steps on CPU.
+"""A Llama-family or Gemma 3 decoder stack run as one C call for decode steps on CPU.
 
 A decode step of a small model is dominated by dispatch, not by reading weights: with
 SmolLM2-135M and int4 weights, the thirty layers' dozen PyTorch ops and kernel calls
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.layers import cpu_kernels
+from tokenmill.layers.activations import gelu_tanh
 from tokenmill.layers.linear import OneDNNPackedLinear
 from tokenmill.layers.norms import RMSNorm
 from tokenmill.layers.quantized import Int4Linear
@@ -51,6 +52,11 @@ class _Layer(ctypes.Structure):
         ("gate_up", _Linear),
         ("down", _Linear),
         ("window", _i64),
+        ("pre_ff_norm", _ptr),
+        ("post_ff_norm", _ptr),
+        ("q_norm", _ptr),
+        ("k_norm", _ptr),
+        ("local_rope", _i64),
     ]
 
 
@@ -68,7 +74,11 @@ _DIM_NAMES = (
 
 
 class _Dims(ctypes.Structure):
-    _fields_ = [(n, _i64) for n in _DIM_NAMES] + [("eps", ctypes.c_double), ("scale", ctypes.c_double)]
+    _fields_ = [(n, _i64) for n in _DIM_NAMES] + [
+        ("eps", ctypes.c_double),
+        ("scale", ctypes.c_double),
+        ("gemma", _i64),
+    ]
 
 
 @functools.cache
@@ -137,8 +147,8 @@ def _linear(module: nn.Module, keep: list[torch.Tensor]) -> _Linear | None:
     )
 
 
-def _norm_weight(norm: nn.Module, keep: list[torch.Tensor]) -> int | None:
-    if not (type(norm) is RMSNorm and norm.offset == 0.0):
+def _norm_weight(norm: nn.Module, keep: list[torch.Tensor], offset: float = 0.0) -> int | None:
+    if not (type(norm) is RMSNorm and norm.offset == offset):
         return None
     w = norm.weight
     if not (w.dtype == torch.bfloat16 and w.is_contiguous()):
@@ -168,38 +178,53 @@ class DecodeStack:
 
     def __init__(self, layers: Any, dims: _Dims, keep: list[torch.Tensor], max_rows: int) -> None:
         self.layers, self.dims, self.max_rows = layers, dims, max_rows
+        self.needs_local = any(layer.local_rope for layer in layers)
         self._keep = keep  # the tensors whose pointers the C structures hold
         self._caches: tuple[tuple[int, ...], Any, Any] | None = None
 
     @classmethod
     def build(cls, model: nn.Module) -> tuple[DecodeStack | None, str]:
-        """The stack of a LlamaForCausalLM, or (None, why it cannot run)."""
+        """The stack of a LlamaForCausalLM (Qwen3's per-head q/k norms included) or a
+        Gemma3ForCausalLM, or (None, why it cannot run)."""
         cfg = model.config
         lib = cpu_kernels._library()
         if lib is None:
             return None, "the CPU kernels are not available"
         if not cpu_kernels.paged_decode_available(torch.bfloat16):
             return None, "no CPU attention kernel"
-        if cfg.qk_norm:
-            return None, "per-head q/k norms"
+        gemma = cfg.architecture == "gemma3"
+        offset = 1.0 if gemma else 0.0
+        act = gelu_tanh if gemma else F.silu
         keep: list[torch.Tensor] = []
         layers = (_Layer * cfg.num_layers)()
         max_rows = 256  # the int4 kernels' limit
         for i, layer in enumerate(model.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            if mlp.act is not F.silu or attn.head_dim != cfg.head_dim:
-                return None, "not a SiLU-gated Llama layer"
-            norms = [_norm_weight(n, keep) for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+            if mlp.act is not act or attn.head_dim != cfg.head_dim:
+                return None, f"layer {i} is not a {'GELU' if gemma else 'SiLU'}-gated layer of its family"
+            names = ["input_layernorm", "post_attention_layernorm"]
+            if gemma:
+                names += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+            norms = [_norm_weight(getattr(layer, n, None), keep, offset) for n in names]
+            qk = [_norm_weight(getattr(attn, n, None), keep, offset) for n in ("q_norm", "k_norm")]
             lins = [_linear(m, keep) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-            if None in norms or None in lins:
+            if None in norms or None in lins or (attn.qk_norm and None in qk):
                 return None, f"layer {i} has a norm or linear layer the C stack does not take"
             for lin, m in zip(lins, (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
                 if lin.group == 0:  # bf16: the rows the layer itself sends to bf16_gemv
                     max_rows = min(max_rows, m.kernel_rows())
-            layers[i] = _Layer(*norms, *lins, attn.window or 0)
+            ff = norms[2:] if gemma else [None, None]
+            layers[i] = _Layer(
+                *norms[:2],
+                *lins,
+                attn.window or 0,
+                *ff,
+                *(qk if attn.qk_norm else [None, None]),
+                int(bool(getattr(layer, "is_sliding", False))),
+            )
             scale = attn.scale
         lanes = rmsnorm_lanes(cfg.hidden_size, cfg.norm_eps)
-        if lanes is None:
+        if lanes is None or (cfg.qk_norm and rmsnorm_lanes(cfg.head_dim, cfg.norm_eps) != lanes):
             return None, "the C RMSNorm does not match PyTorch's on this machine"
         dims = _Dims(
             cfg.num_layers,
@@ -213,6 +238,7 @@ class DecodeStack:
             1,
             cfg.norm_eps,
             scale,
+            int(gemma),
         )
         return cls(layers, dims, keep, max_rows), ""
 
@@ -241,11 +267,21 @@ class DecodeStack:
             and cache.k[0].shape[-2] == self.dims.kv_heads
         )
 
-    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: Any) -> torch.Tensor | None:
+    def run(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        ctx: Any,
+        local: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor | None:
         """x (1, M, C) embeddings -> the stack's output (1, M, C) before the final norm,
-        writing the new keys and values to the cache; None when the kernel could not run."""
+        writing the new keys and values to the cache; None when the kernel could not run.
+        ``local``: the (cos, sin) of the layers with the local rope (Gemma 3)."""
         lib = cpu_kernels._library()
         assert lib is not None
+        if self.needs_local and local is None:
+            raise ValueError("this model's stack has layers with the local rope: pass their (cos, sin)")
         cache, M = ctx.cache, x.shape[1]
         slots, tables, lens = ctx.slot_mapping, ctx.decode_tables, ctx.decode_lens
         nb, bs = cache.k[0].shape[0], cache.k[0].shape[1]
@@ -257,11 +293,13 @@ class DecodeStack:
             and tables.dim() == 2
             and tables.shape[0] == M
             and all(t.is_contiguous() for t in (slots, tables, lens, *cache.k, *cache.v))
-            and cos.shape == sin.shape
-            and cos.numel() == M * self.dims.head_dim
-            and cos.dtype == sin.dtype == torch.bfloat16
-            and cos.is_contiguous()
-            and sin.is_contiguous()
+            and all(
+                t.shape == cos.shape
+                and t.numel() == M * self.dims.head_dim
+                and t.dtype == torch.bfloat16
+                and t.is_contiguous()
+                for t in (cos, sin, *(local or ()))
+            )
         ):
             return None
         (s_lo, s_hi), (t_lo, t_hi), (l_lo, l_hi) = (map(int, torch.aminmax(t)) for t in (slots, tables, lens))
@@ -287,6 +325,7 @@ class DecodeStack:
             lens.data_ptr(),
             k_ptrs,
             v_ptrs,
+            *((t.data_ptr() for t in local) if local else (None, None)),
         )
         if rc:
             log.warning("the C decode stack could not run (code %d); using the layer-by-layer path", rc)

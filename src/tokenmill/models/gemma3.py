@@ -61,11 +61,13 @@ class Gemma3ForCausalLM(CausalLM):
         # The scale is rounded to the model dtype first, as the reference does.
         return x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
 
-    def run_layers(self, x: torch.Tensor, positions: torch.Tensor, ctx: Any) -> torch.Tensor:
-        rope = {
-            False: self.rotary["full"](positions, x.dtype, ctx.max_position),
-            True: self.rotary["local"](positions, x.dtype, ctx.max_position),
-        }
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype, ctx: Any) -> tuple[Any, ...]:
+        full = self.rotary["full"](positions, dtype, ctx.max_position)
+        return (*full, *self.rotary["local"](positions, dtype, ctx.max_position))
+
+    def layer_by_layer(self, x: torch.Tensor, positions: torch.Tensor, ctx: Any) -> torch.Tensor:
+        cos, sin, cos_l, sin_l = self.rope_tables(positions, x.dtype, ctx)
+        rope = {False: (cos, sin), True: (cos_l, sin_l)}
         for layer in self.model.layers:
             x = layer(x, rope, ctx)
         return x

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.layers import cpu_kernels
-from tokenmill.layers.activations import get_activation
+from tokenmill.layers.activations import gelu_tanh, get_activation
 from tokenmill.layers.decode_stack import DecodeStack, weights_fingerprint
 from tokenmill.layers.norms import RMSNorm
 from tokenmill.layers.paged_attention import PagedAttention
@@ -63,6 +63,10 @@ class LlamaAttention(nn.Module):
         return self.o_proj(out)
 
 
+# act(gate) * up in one C pass over contiguous bf16 on CPU (the decode stack calls the same).
+_FUSED_GATES = {F.silu: cpu_kernels.silu_mul, gelu_tanh: cpu_kernels.gelu_tanh_mul}
+
+
 class GatedMLP(nn.Module):
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
@@ -73,8 +77,9 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if self.act is F.silu and cpu_kernels.fused_available(gate_up):
-            return self.down_proj(cpu_kernels.silu_mul(gate_up))
+        fused = _FUSED_GATES.get(self.act)
+        if fused is not None and cpu_kernels.fused_available(gate_up):
+            return self.down_proj(fused(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
@@ -143,7 +148,44 @@ class CausalLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 
+    #: the C decode stack: None until first needed, then the stack or False where it cannot run
+    _decode_stack: Any = None
+    #: the weights the stack (or the verdict False) was built for
+    _decode_stack_key: tuple[int, ...] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The stack holds raw pointers to this model's weights: a copy or a pickle builds its own.
+        state = dict(super().__getstate__())
+        state.pop("_decode_stack", None)
+        state.pop("_decode_stack_key", None)
+        return state
+
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype, ctx: Any) -> tuple[Any, ...]:
+        """(cos, sin) of every layer's rope, then (cos, sin) of the local one or nothing."""
+        return self.rotary(positions, dtype, ctx.max_position)
+
     def run_layers(self, x: torch.Tensor, positions: torch.Tensor, ctx: Any) -> torch.Tensor:
+        """The decoder layers: a decode step the C stack takes runs there in one call,
+        anything else layer by layer."""
+        stack = self._decode_stack
+        if stack is not None and self._decode_stack_key != weights_fingerprint(self):
+            # Moved or replaced weights (to CUDA, another dtype): drop the stack and the old
+            # tensors it holds, and look again on the next CPU step.
+            self._decode_stack = stack = None
+        if stack is None and isinstance(ctx, PagedAttention) and x.device.type == "cpu":
+            stack, why = DecodeStack.build(self)
+            if stack is None:
+                log.info("decode steps run layer by layer: %s", why)
+            self._decode_stack = stack or False
+            self._decode_stack_key = weights_fingerprint(self)
+        if stack and stack.accepts(x, ctx):
+            cos, sin, *local = self.rope_tables(positions, x.dtype, ctx)
+            out = stack.run(x, cos, sin, ctx, tuple(local) or None)
+            if out is not None:
+                return out
+        return self.layer_by_layer(x, positions, ctx)
+
+    def layer_by_layer(self, x: torch.Tensor, positions: torch.Tensor, ctx: Any) -> torch.Tensor:
         cos, sin = self.rotary(positions, x.dtype, ctx.max_position)
         residual = None
         for layer in self.model.layers:
@@ -172,36 +214,7 @@ class CausalLM(nn.Module):
 
 
 class LlamaForCausalLM(CausalLM):
-    #: the C decode stack: None until first needed, then the stack or False where it cannot run
-    _decode_stack: Any = None
-    #: the weights the stack (or the verdict False) was built for
-    _decode_stack_key: tuple[int, ...] | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        # The stack holds raw pointers to this model's weights: a copy or a pickle builds its own.
-        state = dict(super().__getstate__())
-        state.pop("_decode_stack", None)
-        state.pop("_decode_stack_key", None)
-        return state
-
-    def run_layers(self, x: torch.Tensor, positions: torch.Tensor, ctx: Any) -> torch.Tensor:
-        stack = self._decode_stack
-        if stack is not None and self._decode_stack_key != weights_fingerprint(self):
-            # Moved or replaced weights (to CUDA, another dtype): drop the stack and the old
-            # tensors it holds, and look again on the next CPU step.
-            self._decode_stack = stack = None
-        if stack is None and isinstance(ctx, PagedAttention) and x.device.type == "cpu":
-            stack, why = DecodeStack.build(self)
-            if stack is None:
-                log.info("decode steps run layer by layer: %s", why)
-            self._decode_stack = stack or False
-            self._decode_stack_key = weights_fingerprint(self)
-        if stack and stack.accepts(x, ctx):
-            cos, sin = self.rotary(positions, x.dtype, ctx.max_position)
-            out = stack.run(x, cos, sin, ctx)
-            if out is not None:
-                return out
-        return super().run_layers(x, positions, ctx)
+    """Llama, Mistral, Qwen2/2.5, Qwen3, SmolLM2."""
 
 
 def llama_config_from_hf(hf: dict[str, Any]) -> DecoderConfig:
