@@ -107,8 +107,14 @@ def _clone_ctx(ctx: PagedAttention) -> PagedAttention:
 def _both(model, x, positions, ctx, monkeypatch):
     """(stack output, reference output, stack context, reference context, stack calls)."""
     calls = []
+
+    def spy(self, *a):
+        out = real_run(self, *a)
+        calls.append(out is not None)  # a run that declined (None) is not a stack step
+        return out
+
     real_run = DecodeStack.run
-    monkeypatch.setattr(DecodeStack, "run", lambda self, *a: calls.append(1) or real_run(self, *a))
+    monkeypatch.setattr(DecodeStack, "run", spy)
     ref_ctx = _clone_ctx(ctx)
     with torch.inference_mode():
         model._decode_stack = None
@@ -117,7 +123,7 @@ def _both(model, x, positions, ctx, monkeypatch):
         model._decode_stack = False  # the layer-by-layer path
         ref = model.run_layers(x, positions, ref_ctx)
         model._decode_stack = stack
-    return out, ref, ctx, ref_ctx, len(calls)
+    return out, ref, ctx, ref_ctx, sum(calls)
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma3"])
@@ -200,6 +206,40 @@ def _gemma_wide(quant: str | None):
 def test_gemma3_stack_equals_layer_by_layer_at_gemma3_270m_widths(quant, lens, monkeypatch):
     model = _gemma_wide(quant)
     x, positions, ctx = _step(model, lens)
+    out, ref, ctx, ref_ctx, calls = _both(model, x, positions, ctx, monkeypatch)
+    assert calls == 1
+    assert torch.equal(out, ref)
+    for a, b in zip(ctx.cache.k + ctx.cache.v, ref_ctx.cache.k + ref_ctx.cache.v):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("quant", [None, "w4a8"])
+def test_qwen3_stack_equals_layer_by_layer_at_head_dim_128(quant, monkeypatch):
+    """Qwen3's per-head q/k norms over 128 dims, the AVX-512 attention path's widest head."""
+    import transformers
+
+    cfg = transformers.Qwen3Config(
+        vocab_size=tiny.VOCAB,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=128,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(5)
+    hf = transformers.Qwen3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model = tiny.native_from_hf(hf, torch.bfloat16)
+    if quant:
+        quantize_model(model, quant, 32, dtype=torch.bfloat16)
+    else:
+        assert pack_linears_for_onednn(model)
+    x, positions, ctx = _step(model, [9, 30, 17, 5, 40, 2])
     out, ref, ctx, ref_ctx, calls = _both(model, x, positions, ctx, monkeypatch)
     assert calls == 1
     assert torch.equal(out, ref)
@@ -313,14 +353,17 @@ def test_rmsnorm_matches_pytorch_bit_for_bit(hidden):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("quant", [None, "int4", "w4a8"])
-def test_engine_greedy_outputs_unchanged_by_the_stack(tiny_root, arch, quant):
+def test_engine_greedy_outputs_unchanged_by_the_stack(tiny_root, arch, quant, monkeypatch):
     """Whole requests through the engine, batched: tokens and logprobs equal with and without the stack."""
     llm = LLM(tiny.save_tiny_dir(arch, tiny_root), dtype="bfloat16", quantization=quant)
     model = llm.engine.runner.model
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
     prompts = ["The capital of France", "Hello", "def f(x):", "Rome"]
+    ran = []
+    real_run = DecodeStack.run
+    monkeypatch.setattr(DecodeStack, "run", lambda self, *a: ran.append(real_run(self, *a)) or ran[-1])
     with_stack = llm.generate(prompts, params)
-    assert model._decode_stack, "the stack should run these steps"
+    assert ran and all(out is not None for out in ran), "the stack should run these steps"
     model._decode_stack = False
     without = llm.generate(prompts, params)
     for a, b in zip(with_stack, without):

@@ -168,6 +168,26 @@ def test_cpu_kernel_propagates_nan_to_its_own_row_only(dtype):
     assert not out[[0, 2, 3]].isnan().any()
 
 
+@pytest.mark.skipif(not cpu_kernels.paged_decode_available(torch.bfloat16), reason="no C compiler here")
+@pytest.mark.parametrize(
+    "what", ["block past the end", "negative block", "length past the table", "negative length"]
+)
+def test_cpu_kernel_refuses_a_block_or_length_outside_the_cache(what):
+    kc = vc = torch.randn(6, 4, 2, 32).bfloat16()
+    tables, lens = torch.tensor([[0, 1], [2, 3]]), torch.tensor([5, 8])
+    if what == "block past the end":
+        tables[1, 1] = 6
+    elif what == "negative block":
+        tables[0, 1] = -1
+    elif what == "length past the table":
+        lens[0] = 9
+    else:
+        lens[1] = -1
+    q = torch.randn(2, 4, 32).bfloat16()
+    with pytest.raises(ValueError, match="a length or block id is outside the cache"):
+        cpu_kernels.paged_decode(q, kc, vc, tables, lens, 0.125, None)
+
+
 def test_new_keys_land_in_their_slots_and_a_slot_outside_the_cache_is_refused():
     cache = PagedKVCache(1, 4, 4, 2, 8, torch.bfloat16, torch.device("cpu"))
     qkv = torch.randn(3, 6, 8).to(torch.bfloat16)  # a fused projection: k and v are strided views

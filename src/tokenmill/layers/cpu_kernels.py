@@ -194,12 +194,11 @@ def paged_decode(
         and H % Hkv == 0
     ):
         raise ValueError("paged_decode: q, caches, tables and lengths do not agree")
-    if (
-        check_bounds
-        and R
-        and (int(lens.max()) > tables.shape[1] * bs or int(tables.max()) >= k_cache.shape[0])
-    ):
-        raise ValueError("paged_decode: a length or block id is outside the cache")
+    if check_bounds and R:
+        l_lo, l_hi = map(int, torch.aminmax(lens))
+        t_lo, t_hi = map(int, torch.aminmax(tables)) if tables.numel() else (0, -1)
+        if not (0 <= l_lo and l_hi <= tables.shape[1] * bs and 0 <= t_lo and t_hi < k_cache.shape[0]):
+            raise ValueError("paged_decode: a length or block id is outside the cache")
     q = q.contiguous()
     tables = tables.contiguous()
     lens = lens.contiguous()

@@ -1,8 +1,8 @@
 /* Decode attention over a paged KV cache on CPU: one query token per row.
  *
  * Reads each row's keys and values straight from its blocks, so nothing is gathered
- * or copied. One task per (row, KV head) computes the scores of the group's query
- * heads, a float32 softmax and the weighted sum of values.
+ * or copied. A task (a row, or one KV head of a row when there are few rows) computes
+ * the scores of its query heads, a float32 softmax and the weighted sum of values.
  *
  * q, out: (R, H, D); k_cache, v_cache: (num_blocks, block_size, H_kv, D);
  * tables: (R, width) block ids; lens: (R,) keys each row sees; window <= 0 means none.
@@ -146,7 +146,9 @@ DEFINE_DECODE(paged_decode_f32, float, F32_LOAD, F32_STORE)
  *   transpose-and-add tree (hsum16), four times fewer instructions than one horizontal
  *   sum per key.
  * - The weighted sum of values keeps the accumulators of up to four query heads in
- *   registers (head dims up to 128).
+ *   registers (head dims up to 128) over a run of keys: a whole (row, KV head) task's,
+ *   or one block's in a whole-row task (stored between blocks, so every head of a block
+ *   is done while it is in L1).
  * - A task is a whole row when there are rows enough for every thread, so each of the
  *   row's blocks is read once, front to back, every KV head of it at once (all KV heads
  *   of a token are adjacent), with the next block prefetched; with fewer rows a task is
@@ -168,8 +170,6 @@ static inline __m512 hsum16(const __m512 *v) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], 0x88), _mm512_shuffle_f32x4(y[0], y[1], 0xDD));
 }
 
-/* Blocks are scattered, so the hardware prefetcher loses the stream at each one: fetch
- * the next block's lines while this block is computed. */
 /* Bytes of a row's keys and values asked into L2 when its thread's first task starts. */
 #define PD_L2_AHEAD (256 << 10)
 
@@ -223,7 +223,10 @@ static void softmax_avx512(float *s, int64_t n) {
     }
 }
 
-/* The keys of a task's KV heads are read block by block, every head of a block at once,
+/* Blocks are scattered, so the hardware prefetcher loses the stream at each one: the next
+ * block's lines are fetched while this block is computed.
+ *
+ * The keys of a task's KV heads are read block by block, every head of a block at once,
  * then the values likewise, so that each block streams from memory once, front to back,
  * with the next block requested while this one is computed. A task of one KV head passes
  * the cache offset by that head and its g query heads; the products and their order per
