@@ -6,6 +6,10 @@ per-round speedups (tokenmill / transformers for tokens/s, transformers / tokenm
 TTFT, so > 1 means tokenmill is faster).
 
     python benchmarks/bench_generate.py [--model smollm2-135m-instruct] [--rounds 5]
+        [--dtypes bfloat16,float32] [--quantization none,w4a8]
+
+``--quantization`` applies to tokenmill's weights only; transformers runs each dtype
+unquantized (loaded once per dtype).
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quantization", default="none", help="tokenmill weight modes, e.g. none,w4a8")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,39 +81,48 @@ def main() -> None:
 
     path = resolve_source(args.model)
     results = {}
+    hf_models = {}
     for dtype_name in args.dtypes.split(","):
-        dtype = getattr(torch, dtype_name)
-        llm = LLM(args.model, dtype=dtype_name, device="cpu")
-        if path.endswith(".gguf"):
-            hf = transformers.AutoModelForCausalLM.from_pretrained(
-                os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype
-            ).eval()
-        else:
-            hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-        ids = prompt_ids(llm.get_tokenizer(), args.prompt_tokens)
-        bench_tokenmill(llm, ids, 8)  # warm-up both
-        bench_transformers(hf, ids, 8)
-        rows = {"tokenmill": [], "transformers": []}
-        for _ in range(args.rounds):  # interleaved so drift hits both alike
-            rows["tokenmill"].append(bench_tokenmill(llm, ids, args.new_tokens))
-            rows["transformers"].append(bench_transformers(hf, ids, args.new_tokens))
-        med = {
-            name: {
-                "ttft_ms": 1000 * statistics.median(r[0] for r in vals),
-                "decode_tokens_per_s": statistics.median(r[1] for r in vals),
+        for quant in args.quantization.split(","):
+            dtype = getattr(torch, dtype_name)
+            kwargs = {} if quant == "none" else {"quantization": quant}
+            # Every round sends the same prompt: without this its blocks would come from the
+            # prefix cache and TTFT would not include the prefill.
+            llm = LLM(args.model, dtype=dtype_name, device="cpu", enable_prefix_caching=False, **kwargs)
+            if dtype_name not in hf_models:
+                if path.endswith(".gguf"):
+                    hf_models[dtype_name] = transformers.AutoModelForCausalLM.from_pretrained(
+                        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype
+                    ).eval()
+                else:
+                    hf_models[dtype_name] = transformers.AutoModelForCausalLM.from_pretrained(
+                        path, dtype=dtype
+                    ).eval()
+            hf = hf_models[dtype_name]
+            ids = prompt_ids(llm.get_tokenizer(), args.prompt_tokens)
+            bench_tokenmill(llm, ids, 8)  # warm-up both
+            bench_transformers(hf, ids, 8)
+            rows = {"tokenmill": [], "transformers": []}
+            for _ in range(args.rounds):  # interleaved so drift hits both alike
+                rows["tokenmill"].append(bench_tokenmill(llm, ids, args.new_tokens))
+                rows["transformers"].append(bench_transformers(hf, ids, args.new_tokens))
+            med = {
+                name: {
+                    "ttft_ms": 1000 * statistics.median(r[0] for r in vals),
+                    "decode_tokens_per_s": statistics.median(r[1] for r in vals),
+                }
+                for name, vals in rows.items()
             }
-            for name, vals in rows.items()
-        }
-        med["ratio"] = {
-            "ttft_speedup": med["transformers"]["ttft_ms"] / med["tokenmill"]["ttft_ms"],
-            "decode_speedup": med["tokenmill"]["decode_tokens_per_s"]
-            / med["transformers"]["decode_tokens_per_s"],
-        }
-        med["rounds"] = {
-            name: [[round(1000 * t, 1), round(r, 2)] for t, r in vals] for name, vals in rows.items()
-        }
-        results[dtype_name] = med
-        del llm, hf
+            med["ratio"] = {
+                "ttft_speedup": med["transformers"]["ttft_ms"] / med["tokenmill"]["ttft_ms"],
+                "decode_speedup": med["tokenmill"]["decode_tokens_per_s"]
+                / med["transformers"]["decode_tokens_per_s"],
+            }
+            med["rounds"] = {
+                name: [[round(1000 * t, 1), round(r, 2)] for t, r in vals] for name, vals in rows.items()
+            }
+            results[dtype_name if quant == "none" else f"{dtype_name}, {quant} weights"] = med
+            del llm
     info = {
         "model": args.model,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -118,6 +132,7 @@ def main() -> None:
         "rounds": args.rounds,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
+        "quantization": args.quantization,
     }
     print(json.dumps({"info": info, "results": results}))
     print()
