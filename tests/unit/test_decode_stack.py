@@ -28,11 +28,11 @@ pytestmark = pytest.mark.skipif(
 BS = 4
 
 
-def _model(arch: str, quant: str | None, wide: bool = False):
+def _model(arch: str, quant: str | None, wide: str | None = None):
     """A tiny model of ``arch`` in bf16, its linear layers as the loader leaves them on CPU:
-    quantized, or plain bf16 packed for oneDNN. ``wide``: SmolLM2's widths (576 / 1536,
-    9 / 3 heads of 64) in 2 layers, where summation orders that agree at width 64 can part."""
-    hf = tiny.hf_model(arch, seed=3) if not wide else _wide_hf()
+    quantized, or plain bf16 packed for oneDNN. ``wide``: one of the real widths in
+    ``_WIDE`` (2 layers), where summation orders that agree at width 64 can part."""
+    hf = tiny.hf_model(arch, seed=3) if wide is None else _wide_hf(wide)
     model = tiny.native_from_hf(hf, torch.bfloat16)
     if quant:
         quantize_model(model, quant, 32, dtype=torch.bfloat16)
@@ -41,21 +41,36 @@ def _model(arch: str, quant: str | None, wide: bool = False):
     return model
 
 
-def _wide_hf():
+_WIDE = {
+    # SmolLM2: 576 / 1536, 9 query and 3 KV heads of 64
+    "smollm2": ("LlamaConfig", dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                                    num_key_value_heads=3, rms_norm_eps=1e-5)),
+    # Gemma 3 270M: 640 / 2048, 4 query heads and 1 KV head of 256 (the generic attention
+    # kernel), one sliding layer and one full
+    "gemma3": ("Gemma3TextConfig", dict(hidden_size=640, intermediate_size=2048, num_attention_heads=4,
+                                        num_key_value_heads=1, head_dim=256, sliding_window=16,
+                                        layer_types=["sliding_attention", "full_attention"],
+                                        query_pre_attn_scalar=256)),
+    # Qwen3's per-head q/k norms over 128 dims, the AVX-512 attention path's widest head
+    "qwen3": ("Qwen3Config", dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8,
+                                  num_key_value_heads=2, head_dim=128)),
+}  # fmt: skip
+
+
+def _wide_hf(name: str):
     import transformers
 
-    cfg = transformers.LlamaConfig(
-        vocab_size=tiny.VOCAB,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=2,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
+    config_class, widths = _WIDE[name]
+    cfg = getattr(transformers, config_class)(
+        vocab_size=tiny.VOCAB, num_hidden_layers=2, max_position_embeddings=256, **widths
     )
     torch.manual_seed(3)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # norms away from their init, so that a weight of 1 (or 1 + 0) hides nothing
+        for pname, p in hf.named_parameters():
+            if "norm" in pname:
+                p.add_(torch.randn_like(p) * 0.1)
+    return hf
 
 
 def _step(model, lens: list[int], seed: int = 0, chunk: bool = False):
@@ -104,6 +119,17 @@ def _clone_ctx(ctx: PagedAttention) -> PagedAttention:
     )
 
 
+def _assert_stack_equals_layers(model, lens, monkeypatch) -> None:
+    """One decode step of ``lens`` through the stack and layer by layer: the same hidden
+    states and the same keys and values written, and the stack did run."""
+    x, positions, ctx = _step(model, lens)
+    out, ref, ctx, ref_ctx, calls = _both(model, x, positions, ctx, monkeypatch)
+    assert calls == 1, model._decode_stack
+    assert torch.equal(out, ref)
+    for a, b in zip(ctx.cache.k + ctx.cache.v, ref_ctx.cache.k + ref_ctx.cache.v):
+        assert torch.equal(a, b)
+
+
 def _both(model, x, positions, ctx, monkeypatch):
     """(stack output, reference output, stack context, reference context, stack calls)."""
     calls = []
@@ -139,13 +165,7 @@ def _both(model, x, positions, ctx, monkeypatch):
     ],
 )
 def test_stack_equals_layer_by_layer(arch, quant, lens, monkeypatch):
-    model = _model(arch, quant)
-    x, positions, ctx = _step(model, lens)
-    out, ref, ctx, ref_ctx, calls = _both(model, x, positions, ctx, monkeypatch)
-    assert calls == 1, model._decode_stack
-    assert torch.equal(out, ref)
-    for a, b in zip(ctx.cache.k + ctx.cache.v, ref_ctx.cache.k + ref_ctx.cache.v):
-        assert torch.equal(a, b)
+    _assert_stack_equals_layers(_model(arch, quant), lens, monkeypatch)
 
 
 @pytest.mark.parametrize(
@@ -159,92 +179,21 @@ def test_stack_equals_layer_by_layer(arch, quant, lens, monkeypatch):
     ],
 )
 def test_stack_equals_layer_by_layer_at_smollm2_widths(quant, lens, monkeypatch):
-    model = _model("llama", quant, wide=True)
-    x, positions, ctx = _step(model, lens)
-    out, ref, ctx, ref_ctx, calls = _both(model, x, positions, ctx, monkeypatch)
-    assert calls == 1
-    assert torch.equal(out, ref)
-    for a, b in zip(ctx.cache.k + ctx.cache.v, ref_ctx.cache.k + ref_ctx.cache.v):
-        assert torch.equal(a, b)
-
-
-def _gemma_wide(quant: str | None):
-    """Gemma 3 270M's widths (640 / 2048, 4 query heads and 1 KV head of 256) in 2 layers,
-    one sliding, one full: head size 256 takes the generic attention kernel."""
-    import transformers
-
-    cfg = transformers.Gemma3TextConfig(
-        vocab_size=tiny.VOCAB,
-        hidden_size=640,
-        intermediate_size=2048,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=256,
-        max_position_embeddings=256,
-        sliding_window=16,
-        layer_types=["sliding_attention", "full_attention"],
-        query_pre_attn_scalar=256,
-    )
-    torch.manual_seed(4)
-    hf = transformers.Gemma3ForCausalLM(cfg).eval()
-    with torch.no_grad():  # norms away from their zero init, so (1 + w) is not all ones
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    model = tiny.native_from_hf(hf, torch.bfloat16)
-    if quant:
-        quantize_model(model, quant, 32, dtype=torch.bfloat16)
-    else:
-        assert pack_linears_for_onednn(model)
-    return model
+    _assert_stack_equals_layers(_model("llama", quant, wide="smollm2"), lens, monkeypatch)
 
 
 @pytest.mark.parametrize(
-    "quant,lens", [(None, [7]), (None, [9, 30, 17, 5, 1, 40, 2]), ("w4a8", [9, 30, 17, 5, 40, 2])]
+    "arch,quant,lens",
+    [
+        ("gemma3", None, [7]),
+        ("gemma3", None, [9, 30, 17, 5, 1, 40, 2]),
+        ("gemma3", "w4a8", [9, 30, 17, 5, 40, 2]),
+        ("qwen3", None, [9, 30, 17, 5, 40, 2]),
+        ("qwen3", "w4a8", [9, 30, 17, 5, 40, 2]),
+    ],
 )
-def test_gemma3_stack_equals_layer_by_layer_at_gemma3_270m_widths(quant, lens, monkeypatch):
-    model = _gemma_wide(quant)
-    x, positions, ctx = _step(model, lens)
-    out, ref, ctx, ref_ctx, calls = _both(model, x, positions, ctx, monkeypatch)
-    assert calls == 1
-    assert torch.equal(out, ref)
-    for a, b in zip(ctx.cache.k + ctx.cache.v, ref_ctx.cache.k + ref_ctx.cache.v):
-        assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("quant", [None, "w4a8"])
-def test_qwen3_stack_equals_layer_by_layer_at_head_dim_128(quant, monkeypatch):
-    """Qwen3's per-head q/k norms over 128 dims, the AVX-512 attention path's widest head."""
-    import transformers
-
-    cfg = transformers.Qwen3Config(
-        vocab_size=tiny.VOCAB,
-        hidden_size=512,
-        intermediate_size=1024,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=128,
-        max_position_embeddings=256,
-    )
-    torch.manual_seed(5)
-    hf = transformers.Qwen3ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    model = tiny.native_from_hf(hf, torch.bfloat16)
-    if quant:
-        quantize_model(model, quant, 32, dtype=torch.bfloat16)
-    else:
-        assert pack_linears_for_onednn(model)
-    x, positions, ctx = _step(model, [9, 30, 17, 5, 40, 2])
-    out, ref, ctx, ref_ctx, calls = _both(model, x, positions, ctx, monkeypatch)
-    assert calls == 1
-    assert torch.equal(out, ref)
-    for a, b in zip(ctx.cache.k + ctx.cache.v, ref_ctx.cache.k + ref_ctx.cache.v):
-        assert torch.equal(a, b)
+def test_gemma3_and_qwen3_stacks_equal_layer_by_layer_at_real_widths(arch, quant, lens, monkeypatch):
+    _assert_stack_equals_layers(_model(arch, quant, wide=arch), lens, monkeypatch)
 
 
 def test_gemma3_stack_refuses_a_step_without_the_local_rope():

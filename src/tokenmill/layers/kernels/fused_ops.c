@@ -67,45 +67,37 @@ void rope_bf16(uint16_t *x, const uint16_t *cos_t, const uint16_t *sin_t, int64_
     }
 }
 
-/* out = bf16(bf16(silu(gate)) * up) for gate_up (rows, 2 * I) = [gate | up]; out (rows, I). */
-void silu_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int I, int nthreads) {
-    const int par = rows * (int64_t)I >= PARALLEL_MIN_ELEMENTS && nthreads > 1;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (par)
-    for (int64_t r = 0; r < rows; ++r) {
-        const uint16_t *g = gate_up + r * 2 * (int64_t)I, *u = g + I;
-        uint16_t *o = out + r * (int64_t)I;
-#pragma omp simd
-        for (int i = 0; i < I; ++i) {
-            const float gf = bf16_to_f32(g[i]);
-            const float act = round_bf16(gf / (1.0f + exp_any(-gf)));
-            o[i] = f32_to_bf16(act * bf16_to_f32(u[i]));
-        }
+/* The gated activations: out = bf16(bf16(act(gate)) * up) for gate_up (rows, 2 * I) =
+ * [gate | up]; out (rows, I). ACT is an expression of the float x. */
+#define DEFINE_GATED(NAME, ACT)                                                                  \
+    void NAME(const uint16_t *gate_up, uint16_t *out, int64_t rows, int I, int nthreads) {        \
+        const int par = rows * (int64_t)I >= PARALLEL_MIN_ELEMENTS && nthreads > 1;              \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads) if (par)")              \
+        for (int64_t r = 0; r < rows; ++r) {                                                     \
+            const uint16_t *g = gate_up + r * 2 * (int64_t)I, *u = g + I;                        \
+            uint16_t *o = out + r * (int64_t)I;                                                  \
+            _Pragma("omp simd")                                                                   \
+            for (int i = 0; i < I; ++i) {                                                        \
+                const float x = bf16_to_f32(g[i]);                                               \
+                o[i] = f32_to_bf16(round_bf16(ACT) * bf16_to_f32(u[i]));                         \
+            }                                                                                    \
+        }                                                                                        \
     }
-}
 
-/* out = bf16(bf16(gelu_tanh(gate)) * up) for gate_up (rows, 2 * I) = [gate | up]; out (rows,
- * I). gelu_tanh(x) = 0.5 x (1 + tanh(z)), z = sqrt(2 / pi) (x + 0.044715 x^3), computed as
+DEFINE_GATED(silu_mul_bf16, x / (1.0f + exp_any(-x)))
+
+/* gelu_tanh(x) = 0.5 x (1 + tanh(z)), z = sqrt(2 / pi) (x + 0.044715 x^3), computed as
  * x / (1 + exp(-2z)), the same function without the cancellation of 1 + tanh(z) near -1:
  * PyTorch's float32 tanh rounds there, so for x below about -3 (gelu under 1e-2 |x|) its
  * value carries that rounding and this one does not; elsewhere the two agree to the last
- * bf16 bit but for rare ties (tested). */
-void gelu_tanh_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int I, int nthreads) {
-    const int par = rows * (int64_t)I >= PARALLEL_MIN_ELEMENTS && nthreads > 1;
-    const float beta = 0.7978845608028654f, kappa = 0.044715f;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (par)
-    for (int64_t r = 0; r < rows; ++r) {
-        const uint16_t *g = gate_up + r * 2 * (int64_t)I, *u = g + I;
-        uint16_t *o = out + r * (int64_t)I;
-#pragma omp simd
-        for (int i = 0; i < I; ++i) {
-            const float x = bf16_to_f32(g[i]);
-            const float z = beta * (x + kappa * (x * x * x));
-            /* past exp's range the value is below 1e-38 |x|: PyTorch's 1 + tanh is 0 there */
-            const float act = round_bf16(-2.0f * z > 88.0f ? 0.0f * x : x / (1.0f + exp_any(-2.0f * z)));
-            o[i] = f32_to_bf16(act * bf16_to_f32(u[i]));
-        }
-    }
+ * bf16 bit but for rare ties (tested). Past exp's range (-2z > 88) the value is below
+ * 1e-38 |x|, and PyTorch's 1 + tanh is 0 there: so is this. */
+static inline float gelu_tanh_f32(float x) {
+    const float z = 0.7978845608028654f * (x + 0.044715f * (x * x * x));
+    return -2.0f * z > 88.0f ? 0.0f * x : x / (1.0f + exp_any(-2.0f * z));
 }
+
+DEFINE_GATED(gelu_tanh_mul_bf16, gelu_tanh_f32(x))
 
 /* Write n new key and value rows into their cache slots: row i of k goes to slot
  * slots[i] of k_cache (rows of k_row bytes), likewise v. The rows of k and v are
