@@ -42,12 +42,17 @@ def _exact(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out if layer.bias is None else out + layer.bias.float()
 
 
-def _close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+def _close(
+    got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, slack: torch.Tensor | None = None
+) -> None:
     if dtype == torch.float32:
         torch.testing.assert_close(got.float(), ref, atol=1e-4, rtol=1e-5)
-    else:
+    elif slack is None:
         step = 2**-7 * ref.abs().max().item()
         torch.testing.assert_close(got.float(), ref, atol=step, rtol=0)
+    else:  # one step of the largest output, plus the given bound per element
+        err = (got.float() - ref).abs()
+        assert bool((err <= 2**-7 * ref.abs().max() + slack).all()), float((err - slack).max())
 
 
 # Shapes (N, K): kernel-friendly ones, and odd ones that must fall back.
@@ -63,13 +68,18 @@ def test_int8_fast_path_equals_the_dequantized_reference(shape, dtype):
     w, b = _weight(*shape)
     layer = Int8Linear.from_float(w.to(dtype), b.to(dtype))
     assert layer.qweight.dtype == torch.int8 and layer.scales.dtype == dtype
+    g = torch.Generator().manual_seed(1)
     for rows in ROWS:
-        x = torch.randn(2, rows, shape[1]).to(dtype)  # a leading batch dimension is kept
-        ref = _exact(layer, x.reshape(-1, shape[1]))
+        x = torch.randn(2, rows, shape[1], generator=g).to(dtype)  # a leading batch dimension is kept
+        x2 = x.reshape(-1, shape[1])
+        ref = _exact(layer, x2)
+        # bf16 rows past the kernel's take the weight rounded to bf16: each product may move
+        # by 2**-8 of itself, on top of the one step of the rounded output.
+        slack = 2**-8 * (x2.float().abs() @ layer.dequantized_weight().abs().t())
         out = layer(x)
         assert out.shape == (2, rows, shape[0]) and out.dtype == dtype
-        _close(out.reshape(-1, shape[0]), ref, dtype)
-        _close(layer(x, use_kernel=False).reshape(-1, shape[0]), ref, dtype)
+        _close(out.reshape(-1, shape[0]), ref, dtype, slack)
+        _close(layer(x, use_kernel=False).reshape(-1, shape[0]), ref, dtype, slack)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
