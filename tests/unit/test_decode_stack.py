@@ -162,6 +162,8 @@ def _both(model, x, positions, ctx, monkeypatch):
         ("int4", [5]),
         ("int4", [3, 40, 1, 8, 19, 2, 11]),
         ("w4a8", [3, 40, 1, 8, 19, 2, 11, 6, 5, 4]),
+        ("int8", [5]),
+        ("int8", [3, 40, 1, 8, 19, 2, 11, 6, 5, 4, 9, 17, 12, 30, 7, 2, 1]),  # 17 rows: widened blocks
     ],
 )
 def test_stack_equals_layer_by_layer(arch, quant, lens, monkeypatch):
@@ -176,6 +178,8 @@ def test_stack_equals_layer_by_layer(arch, quant, lens, monkeypatch):
         (None, [9, 30, 17, 5, 1, 2, 33, 8, 4, 6, 12, 20, 3, 7, 11, 25]),
         (None, [(7 * i) % 41 + 1 for i in range(64)]),
         ("w4a8", [9, 30, 17, 5, 40, 2]),
+        ("int8", [9, 30, 17, 5, 40, 2]),
+        ("int8", [(7 * i) % 41 + 1 for i in range(64)]),
     ],
 )
 def test_stack_equals_layer_by_layer_at_smollm2_widths(quant, lens, monkeypatch):
@@ -301,7 +305,7 @@ def test_rmsnorm_matches_pytorch_bit_for_bit(hidden):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-@pytest.mark.parametrize("quant", [None, "int4", "w4a8"])
+@pytest.mark.parametrize("quant", [None, "int8", "int4", "w4a8"])
 def test_engine_greedy_outputs_unchanged_by_the_stack(tiny_root, arch, quant, monkeypatch):
     """Whole requests through the engine, batched: tokens and logprobs equal with and without the stack."""
     llm = LLM(tiny.save_tiny_dir(arch, tiny_root), dtype="bfloat16", quantization=quant)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import tiny
+from tokenmill.layers import cpu_kernels
 from tokenmill.layers.attention import DenseAttention
 from tokenmill.layers.quantized import (
     Int4Linear,
@@ -95,13 +96,51 @@ def test_int8_error_is_at_most_half_a_step_per_channel(shape):
 
 
 @pytest.mark.skipif(not HAS_INT8, reason="this PyTorch has no int8 kernel")
-def test_int8_bf16_kernel_is_skipped_where_it_is_wrong():
-    """torch 2.13's bf16 int8 kernel needs in_features % 16 == 0; other widths take the fallback."""
+def test_int8_bf16_kernel_is_skipped_where_it_is_wrong(monkeypatch):
+    """torch 2.13's bf16 int8 kernel needs in_features % 16 == 0; other widths take the
+    fallback (where this package's own int8 kernel is not there to take them)."""
+    monkeypatch.setattr(cpu_kernels, "int8_available", lambda: False)
     w, _ = _weight(8, 130)
     layer = Int8Linear.from_float(w.to(torch.bfloat16))
     assert layer.fallback == "in_features 130 is not a multiple of 16, which the bf16 kernel needs"
     assert Int8Linear.from_float(w.float()).fallback is None  # fp32 is right at any width
     assert Int8Linear.from_float(_weight(8, 128)[0].to(torch.bfloat16)).fallback is None
+
+
+@pytest.mark.skipif(not cpu_kernels.int8_available(), reason="no int8 kernel here (C compiler, AVX512-BF16)")
+@pytest.mark.parametrize("shape", [(64, 130), (49, 33), (3, 7), (1000, 576)], ids=str)
+def test_own_int8_kernel_takes_every_width_and_keeps_the_codes(shape):
+    """The package's kernel takes any K and N (padding odd K and partial blocks of 16) at
+    every row count, and its layout gives the codes back exactly."""
+    w, b = _weight(*shape, seed=2)
+    layer = Int8Linear.from_float(w.to(torch.bfloat16), b.to(torch.bfloat16))
+    assert layer.kernel == "tokenmill.int8_mm" and layer.fallback is None
+    wf = w.to(torch.bfloat16).float()  # the codes as quantization defines them
+    scales = (wf.abs().amax(1) / 127).clamp(min=1e-8).to(torch.bfloat16)
+    want = torch.round(wf / scales.float().unsqueeze(1)).clamp(-127, 127).to(torch.int8)
+    assert torch.equal(layer.codes(), want) and torch.equal(layer.scales, scales)
+    g = torch.Generator().manual_seed(3)
+    for rows in (1, 7, 8, 9, 16, 17, 40):
+        x = torch.randn(rows, shape[1], generator=g).to(torch.bfloat16)
+        _close(layer(x), _exact(layer, x), torch.bfloat16)
+    # float32 activations with the packed codes: the same product through PyTorch
+    x = torch.randn(3, shape[1], generator=g)
+    _close(layer(x), _exact(layer, x), torch.float32)
+
+
+def test_int8_mm_rejects_what_does_not_fit():
+    layer = Int8Linear.from_float(_weight(16, 64)[0].to(torch.bfloat16))
+    if not layer.own_kernel:
+        pytest.skip("no int8 kernel here")
+    zeros = torch.zeros(2, 63, dtype=torch.bfloat16)  # 63 inputs pad to the same 64-wide layout
+    with pytest.raises(
+        ValueError, match=r"int8_mm: x \(2, 63\) torch.bfloat16, 1024 packed bytes .* \(16, 64\)"
+    ):
+        cpu_kernels.int8_mm(zeros, layer.qweight, layer.scales, None, 16, 64)
+    with pytest.raises(ValueError, match="do not fit"):  # scales of another layer
+        cpu_kernels.int8_mm(
+            zeros[:, :1].expand(2, 64).contiguous(), layer.qweight, layer.scales[:8], None, 16, 64
+        )
 
 
 # -- int4 ---------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ _SOURCES = [
         "bf16_gemv.c",
         "int4_gemv.c",
         "int4a8_gemm.c",
+        "int8_gemm.c",
         "decode_stack.c",
     )
 ]
@@ -140,6 +141,7 @@ def _library() -> ctypes.CDLL | None:
     lib.bf16_gemv.argtypes = [ptr] * 4 + [i64] * 3 + [i32]
     lib.int4_gemm_bf16.argtypes = [ptr] * 4 + [i64] * 4 + [i32]
     lib.int4a8_gemm_bf16.argtypes = [ptr] * 4 + [i64] * 4 + [i32]
+    lib.int8_gemm_bf16.argtypes = [ptr] * 5 + [i64] * 3 + [i32]
     # The decode stack (layers/decode_stack.py): its structures travel by pointer.
     lib.decode_stack_bf16.argtypes = [ptr, ptr, ptr, i64] + [ptr] * 4 + [i64] + [ptr] * 5
     lib.decode_stack_rmsnorm.argtypes = [ptr] * 4 + [i64, i64, ctypes.c_double, i64]
@@ -148,6 +150,7 @@ def _library() -> ctypes.CDLL | None:
         "bf16_gemv",
         "int4_gemm_bf16",
         "int4a8_gemm_bf16",
+        "int8_gemm_bf16",
         "decode_stack_bf16",
         "decode_stack_rmsnorm",
         "decode_stack_sum",
@@ -570,3 +573,88 @@ def int4a8_mm(
     """x2 (M, K) bf16, quantized to int8 per row and group, times the int4 weight of
     ``int4a8_pack``'s layout (see kernels/int4a8_gemm.c). Returns (M, N) bf16."""
     return _int4_kernel_mm("int4a8_gemm_bf16", x2, packed, scales_and_zeros, out_features, group_size)
+
+
+# -- int8 weights, bf16 activations (kernels/int8_gemm.c) ----------------------------------
+
+
+def int8_pack(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) int8 codes -> the kernel's layout: ceil(N / 16) blocks of 16 rows, each
+    [Kp / 2][16][2] bytes (Kp = K rounded up to even; padding codes 0)."""
+    N, K = q.shape
+    R = INT4_BLOCK_ROWS
+    Np, Kp = -(-N // R) * R, K + K % 2
+    c = torch.zeros(Np, Kp, dtype=torch.int8, device=q.device)
+    c[:N, :K] = q
+    return c.view(Np // R, R, Kp // 2, 2).permute(0, 2, 1, 3).contiguous().view(-1)
+
+
+def int8_unpack(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The (N, K) int8 codes of ``int8_pack``'s layout."""
+    R = INT4_BLOCK_ROWS
+    Np, Kp = -(-out_features // R) * R, in_features + in_features % 2
+    c = packed.view(Np // R, Kp // 2, R, 2).permute(0, 2, 1, 3).reshape(Np, Kp)
+    return c[:out_features, :in_features]
+
+
+@functools.cache
+def int8_available() -> bool:
+    """Whether this machine runs the int8 kernel (a C compiler and AVX512-BF16): codes of
+    -3 with a scale of 0.5 and a bias of 1 over 41 ones give -60.5 per output."""
+
+    def run(lib: ctypes.CDLL) -> bool:
+        packed = int8_pack(torch.full((3, 41), -3, dtype=torch.int8))
+        scales = torch.full((3,), 0.5, dtype=torch.bfloat16)
+        bias = torch.ones(3, dtype=torch.bfloat16)
+        x = torch.ones(1, 41, dtype=torch.bfloat16)
+        y = torch.empty(1, 3, dtype=torch.bfloat16)
+        rc = lib.int8_gemm_bf16(
+            x.data_ptr(), packed.data_ptr(), scales.data_ptr(), bias.data_ptr(), y.data_ptr(), 1, 3, 41, 1
+        )
+        return rc == 0 and bool((y == -60.5).all())
+
+    return _probe(run)
+
+
+def int8_mm(
+    x2: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+    in_features: int,
+) -> torch.Tensor:
+    """x2 (M, K) bf16 times the (N, K) int8 weight of ``int8_pack``'s layout, scaled per
+    output and plus ``bias``, in float32 with one rounding to bf16. Returns (M, N) bf16."""
+    lib = _library()
+    M, K = x2.shape
+    N, R = out_features, INT4_BLOCK_ROWS
+    if not (
+        lib is not None
+        and K == in_features >= 1
+        and x2.dtype == scales.dtype == torch.bfloat16
+        and packed.dtype == torch.int8
+        and packed.numel() == -(-N // R) * R * (K + K % 2)
+        and scales.shape == (N,)
+        and (bias is None or (bias.shape == (N,) and bias.dtype == torch.bfloat16 and bias.is_contiguous()))
+        and x2.is_contiguous()
+        and packed.is_contiguous()
+        and scales.is_contiguous()
+    ):
+        raise ValueError(
+            f"int8_mm: x {tuple(x2.shape)} {x2.dtype}, {packed.numel()} packed bytes and scales "
+            f"{tuple(scales.shape)} {scales.dtype} do not fit an ({N}, {in_features}) weight "
+            "(contiguous bfloat16 activations, scales and bias)"
+        )
+    y = torch.empty(M, N, dtype=torch.bfloat16)
+    if M == 0:
+        return y
+    rc = lib.int8_gemm_bf16(
+        x2.data_ptr(), packed.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr(),
+        y.data_ptr(), M, N, K, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc:
+        raise RuntimeError(
+            f"int8_mm: the kernel failed (code {rc}: {'no scratch memory' if rc == 2 else 'no AVX512-BF16'})"
+        )
+    return y

@@ -24,7 +24,7 @@ from tokenmill.layers import cpu_kernels
 from tokenmill.layers.activations import gelu_tanh
 from tokenmill.layers.linear import OneDNNPackedLinear
 from tokenmill.layers.norms import RMSNorm
-from tokenmill.layers.quantized import Int4Linear
+from tokenmill.layers.quantized import Int4Linear, Int8Linear
 
 log = logging.getLogger("tokenmill.kernels")
 
@@ -127,6 +127,10 @@ def _linear(module: nn.Module, keep: list[torch.Tensor]) -> _Linear | None:
         if not (module.own_kernel and module.scales_and_zeros.dtype == torch.bfloat16):
             return None
         w, sz, group, act8 = module.qweight, module.scales_and_zeros, module.group_size, module.act8
+    elif isinstance(module, Int8Linear):
+        if not module.own_kernel:  # the layer path runs int8_mm on these, and only these
+            return None
+        w, sz, group, act8 = module.qweight, module.scales, -1, False
     elif type(module) is OneDNNPackedLinear:
         # Only the packed layer: it is the one whose few-row path is bf16_gemv, as here (a
         # plain nn.Linear runs F.linear, which sums in another order).

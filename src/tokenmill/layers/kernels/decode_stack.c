@@ -23,8 +23,9 @@
  * RMSNorm sums its squares in the order of ATen's vectorized CPU sum (four interleaved
  * accumulators of `lanes` floats, then the lanes one after another), which is what the
  * reference path computes; the Python side checks the two agree on this machine before
- * it uses this path. Linear layers are bf16 (N, K) weights through bf16_gemv (1 to 4
- * rows) or int4 codes through int4_gemm_bf16 (int4a8_gemm_bf16 in the w4a8 mode).
+ * it uses this path. Linear layers are bf16 (N, K) weights through bf16_gemv, int8 codes
+ * through int8_gemm_bf16, or int4 codes through int4_gemm_bf16 (int4a8_gemm_bf16 in the
+ * w4a8 mode).
  */
 #include <math.h>
 #include <stdint.h>
@@ -42,6 +43,8 @@ int int4_gemm_bf16(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint
                    int64_t K, int64_t G, int nthreads);
 int int4a8_gemm_bf16(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t *y, int64_t M, int64_t N,
                      int64_t K, int64_t G, int nthreads);
+int int8_gemm_bf16(const uint16_t *x, const int8_t *w, const uint16_t *scales, const uint16_t *bias, uint16_t *y,
+                   int64_t M, int64_t N, int64_t K, int nthreads);
 void rope_bf16(uint16_t *x, const uint16_t *cos_t, const uint16_t *sin_t, int64_t rows, int heads, int D,
                int64_t row_stride, int nthreads);
 void silu_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int I, int nthreads);
@@ -52,8 +55,9 @@ int paged_decode_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t
                       int64_t width, const int64_t *lens, uint16_t *out, int R, int H, int Hkv, int D, int Dv,
                       int block_size, float scale, int window, int nthreads);
 
-/* One linear layer: a bf16 (N, K) weight (group == 0) or int4 codes in int4_gemm_bf16's
- * layout with (ceil(K / group), N, 2) bf16 scales and zeros. */
+/* One linear layer: a bf16 (N, K) weight (group == 0), int8 codes in int8_gemm_bf16's
+ * layout with (N,) bf16 scales in scales_zeros (group == -1), or int4 codes in
+ * int4_gemm_bf16's layout with (ceil(K / group), N, 2) bf16 scales and zeros. */
 typedef struct {
     const void *weight;
     const uint16_t *scales_zeros;
@@ -181,6 +185,7 @@ int decode_stack_rmsnorm(uint16_t *x, const uint16_t *add, const uint16_t *w, ui
 
 static int ds_linear_run(const ds_linear *l, const uint16_t *x, uint16_t *y, int64_t M, int nthreads) {
     if (l->group == 0) return bf16_gemv(x, (const uint16_t *)l->weight, l->bias, y, M, l->N, l->K, nthreads);
+    if (l->group < 0) return int8_gemm_bf16(x, (const int8_t *)l->weight, l->scales_zeros, l->bias, y, M, l->N, l->K, nthreads);
     const int rc = (l->act8 ? int4a8_gemm_bf16 : int4_gemm_bf16)(x, (const uint8_t *)l->weight, l->scales_zeros,
                                                                   y, M, l->N, l->K, l->group, nthreads);
     if (rc == 0 && l->bias)
