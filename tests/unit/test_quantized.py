@@ -59,13 +59,16 @@ def _close(
 # Shapes (N, K): kernel-friendly ones, and odd ones that must fall back.
 SHAPES = [(64, 128), (48, 96), (49, 130), (16, 33), (3, 7)]
 DTYPES = [torch.float32, torch.bfloat16]
-ROWS = [1, 5, 40]  # 1 and 5 rows take the bf16 int8 kernel, 40 the dequantized weight
+ROWS = [1, 5, 40]  # without tokenmill's int8 kernel: 1 and 5 rows take PyTorch's, 40 the converted weight
 
 
 # -- int8 ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("own", [True, False], ids=["own kernel", "pytorch kernels"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_int8_fast_path_equals_the_dequantized_reference(shape, dtype):
+def test_int8_fast_path_equals_the_dequantized_reference(shape, dtype, own, monkeypatch):
+    if not own:  # PyTorch's int8 kernel and the converted-weight matmul, as without AVX512-BF16
+        monkeypatch.setattr(cpu_kernels, "int8_available", lambda: False)
     w, b = _weight(*shape)
     layer = Int8Linear.from_float(w.to(dtype), b.to(dtype))
     assert layer.qweight.dtype == torch.int8 and layer.scales.dtype == dtype
@@ -120,7 +123,7 @@ def test_own_int8_kernel_takes_every_width_and_keeps_the_codes(shape):
     want = torch.round(wf / scales.float().unsqueeze(1)).clamp(-127, 127).to(torch.int8)
     assert torch.equal(layer.codes(), want) and torch.equal(layer.scales, scales)
     g = torch.Generator().manual_seed(3)
-    for rows in (1, 7, 8, 9, 16, 17, 40):
+    for rows in (1, 7, 8, 9, 16, 17, 40, 300):  # 300 rows at K = 576: two spans of rows
         x = torch.randn(rows, shape[1], generator=g).to(torch.bfloat16)
         _close(layer(x), _exact(layer, x), torch.bfloat16)
     # float32 activations with the packed codes: the same product through PyTorch
@@ -134,7 +137,7 @@ def test_int8_mm_rejects_what_does_not_fit():
         pytest.skip("no int8 kernel here")
     zeros = torch.zeros(2, 63, dtype=torch.bfloat16)  # 63 inputs pad to the same 64-wide layout
     with pytest.raises(
-        ValueError, match=r"int8_mm: x \(2, 63\) torch.bfloat16, 1024 packed bytes .* \(16, 64\)"
+        ValueError, match=r"int8_mm: x \(2, 63\) torch.bfloat16 on cpu, 1024 packed bytes.* an \(16, 64\) weight"
     ):
         cpu_kernels.int8_mm(zeros, layer.qweight, layer.scales, None, 16, 64)
     with pytest.raises(ValueError, match="do not fit"):  # scales of another layer

@@ -629,9 +629,13 @@ def int8_mm(
     lib = _library()
     M, K = x2.shape
     N, R = out_features, INT4_BLOCK_ROWS
+    if lib is None:
+        raise RuntimeError(
+            "int8_mm: the CPU kernels are not available (no C compiler, or they failed to build)"
+        )
     if not (
-        lib is not None
-        and K == in_features >= 1
+        K == in_features >= 1
+        and all(t.device.type == "cpu" for t in (x2, packed, scales, *(() if bias is None else (bias,))))
         and x2.dtype == scales.dtype == torch.bfloat16
         and packed.dtype == torch.int8
         and packed.numel() == -(-N // R) * R * (K + K % 2)
@@ -642,9 +646,10 @@ def int8_mm(
         and scales.is_contiguous()
     ):
         raise ValueError(
-            f"int8_mm: x {tuple(x2.shape)} {x2.dtype}, {packed.numel()} packed bytes and scales "
-            f"{tuple(scales.shape)} {scales.dtype} do not fit an ({N}, {in_features}) weight "
-            "(contiguous bfloat16 activations, scales and bias)"
+            f"int8_mm: x {tuple(x2.shape)} {x2.dtype} on {x2.device.type}, {packed.numel()} packed bytes, "
+            f"scales {tuple(scales.shape)} {scales.dtype} and bias "
+            f"{None if bias is None else (tuple(bias.shape), bias.dtype)} do not fit an ({N}, {in_features}) "
+            "weight (contiguous bfloat16 activations, scales and bias, all on the CPU)"
         )
     y = torch.empty(M, N, dtype=torch.bfloat16)
     if M == 0:

@@ -128,7 +128,10 @@ def _linear(module: nn.Module, keep: list[torch.Tensor]) -> _Linear | None:
             return None
         w, sz, group, act8 = module.qweight, module.scales_and_zeros, module.group_size, module.act8
     elif isinstance(module, Int8Linear):
-        if not module.own_kernel:  # the layer path runs int8_mm on these, and only these
+        # the layer path runs int8_mm on these, and only these
+        if not (
+            module.own_kernel and module.scales.dtype == torch.bfloat16 and module.scales.is_contiguous()
+        ):
             return None
         w, sz, group, act8 = module.qweight, module.scales, -1, False
     elif type(module) is OneDNNPackedLinear:

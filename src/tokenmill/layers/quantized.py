@@ -159,6 +159,8 @@ class Int8Linear(nn.Module):
     def fallback(self) -> str | None:
         """Why this layer never runs the kernel, or None."""
         if self.own_kernel:
+            if not self.qweight.is_cpu:  # moved after it was built: codes() unpacks on each call
+                return f"packed for the CPU int8 kernel, running on {self.qweight.device.type}"
             return None
         if self.kernel is None:
             return f"this PyTorch build has no int8 kernel for {self.qweight.device.type}"
@@ -180,7 +182,7 @@ class Int8Linear(nn.Module):
         x2 = _rows(x, self.in_features)  # (M, K)
         if not use_kernel:
             out = F.linear(x2, self.dequantized_weight().to(x.dtype), self.bias)
-        elif self.own_kernel and x2.dtype == torch.bfloat16 and x2.device.type == "cpu":
+        elif self.own_kernel and x2.dtype == torch.bfloat16 and x2.is_cpu and self.qweight.is_cpu:
             out = cpu_kernels.int8_mm(
                 x2.contiguous(), self.qweight, self.scales, self.bias, self.out_features, self.in_features
             )

@@ -9,7 +9,8 @@
  * (all exact: |q| <= 127), giving in lane r the pair (q[r, k], q[r, k + 1]) that
  * VDPBF16PS multiplies by the broadcast activation pair (x[k], x[k + 1]). Products are
  * exact in float32 and every sum is float32, so the result is the dequantized layer's
- * up to summation order and one final rounding. With more than I8_MAX_MB rows, each block
+ * up to summation order, a fused multiply-add of scale and bias, and the rounding to
+ * bf16. (VDPBF16PS treats bf16 denormals as zero.) With more than I8_MAX_MB rows, each block
  * is widened to bf16 once into a per-thread scratch and read from there by every chunk
  * of rows.
  *
@@ -101,21 +102,25 @@ int int8_gemm_bf16(const uint16_t *x, const int8_t *w, const uint16_t *scales, c
     if (M < 1) return 0;
     const int64_t Kp = (K + 1) / 2 * 2, blocks = (N + I8_ROWS - 1) / I8_ROWS;
     const int team = M * N * K >= I8_PARALLEL_MIN ? (nthreads > 0 ? nthreads : 1) : 1;
-    /* the activations padded to Kp (a pair is read whole), then per thread one widened block */
-    const int64_t xbytes = (M * Kp * (int64_t)sizeof(uint16_t) + 63) / 64 * 64;
+    /* for odd K the activations padded to Kp, then per thread one widened block */
+    const int64_t xbytes = Kp > K ? (M * Kp * (int64_t)sizeof(uint16_t) + 63) / 64 * 64 : 0;
     const int64_t wbytes = M > I8_MAX_MB ? Kp * I8_ROWS * (int64_t)sizeof(uint16_t) : 0;
     char *buf = aligned_alloc(64, xbytes + team * wbytes + 64);
     if (!buf) return 2;
-    uint16_t *xs = (uint16_t *)buf;
+    /* odd K: the activations padded to Kp (a pair is read whole); else read in place */
+    const uint16_t *xs = Kp > K ? (const uint16_t *)buf : x;
     int64_t chunk = (I8_CHUNK_BYTES / (Kp * (int64_t)sizeof(uint16_t))) / I8_MAX_MB * I8_MAX_MB;
     chunk = chunk < I8_MAX_MB ? I8_MAX_MB : chunk;
 #pragma omp parallel num_threads(team)
     {
         uint16_t *scratch = wbytes ? (uint16_t *)(buf + xbytes + omp_get_thread_num() * wbytes) : NULL;
+        if (Kp > K) {
+            uint16_t *pad = (uint16_t *)buf;
 #pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++) {
-            memcpy(xs + m * Kp, x + m * K, K * sizeof(uint16_t));
-            if (Kp > K) xs[m * Kp + K] = 0;
+            for (int64_t m = 0; m < M; m++) {
+                memcpy(pad + m * Kp, x + m * K, K * sizeof(uint16_t));
+                pad[m * Kp + K] = 0;
+            }
         }
         /* Rows in chunks whose activations stay in L2 while every block passes over them. */
         for (int64_t m0 = 0; m0 < M; m0 += chunk) {
