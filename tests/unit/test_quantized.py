@@ -137,7 +137,8 @@ def test_int8_mm_rejects_what_does_not_fit():
         pytest.skip("no int8 kernel here")
     zeros = torch.zeros(2, 63, dtype=torch.bfloat16)  # 63 inputs pad to the same 64-wide layout
     with pytest.raises(
-        ValueError, match=r"int8_mm: x \(2, 63\) torch.bfloat16 on cpu, 1024 packed bytes.* an \(16, 64\) weight"
+        ValueError,
+        match=r"int8_mm: x \(2, 63\) torch.bfloat16 on cpu, 1024 packed bytes.* an \(16, 64\) weight",
     ):
         cpu_kernels.int8_mm(zeros, layer.qweight, layer.scales, None, 16, 64)
     with pytest.raises(ValueError, match="do not fit"):  # scales of another layer
