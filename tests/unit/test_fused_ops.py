@@ -27,6 +27,28 @@ def _assert_bf16_equal(out: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("hidden", [64, 100, 576, 640, 2048])
+def test_small_bf16_norms_run_in_c_and_equal_pytorch_bit_for_bit(offset, hidden, monkeypatch):
+    """A decode step's norms (a few rows) run in C: the same bits as the PyTorch ops, for
+    Llama's norm and Gemma's (1 + w) one."""
+    import tokenmill.layers.norms as norms
+
+    taken = []
+    real = norms._c_norm
+    monkeypatch.setattr(norms, "_c_norm", lambda *a: taken.append(real(*a)) or taken[-1])
+    g = torch.Generator().manual_seed(hidden)
+    norm = RMSNorm(hidden, 1e-6, offset=offset).to(bf16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(hidden, generator=g) * 0.5)
+    for rows in (1, 7, 64):
+        x = (torch.randn(rows, hidden, generator=g) * torch.logspace(-2, 2, rows).unsqueeze(1)).to(bf16)
+        n = len(taken)
+        out = norm(x)
+        assert len(taken) == n + 1 and taken[-1] is not None  # the C norm ran
+        assert torch.equal(out, norm.torch_norm(x))
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
 def test_rmsnorm_with_a_residual_returns_the_norm_of_the_sum_and_the_sum(offset):
     torch.manual_seed(3)
     norm = RMSNorm(96, 1e-5, offset=offset).to(bf16)

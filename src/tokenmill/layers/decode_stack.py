@@ -102,7 +102,8 @@ def rmsnorm_lanes(hidden: int, eps: float, widths: tuple[int, ...] = (16, 8, 4, 
         norm.weight.copy_(torch.rand(hidden, generator=g) * 2)
     norm = norm.bfloat16()
     with torch.no_grad():
-        want, want_res = norm(x, add)
+        want_res = x + add
+        want = norm.torch_norm(want_res)  # PyTorch's ops, never the C norm being probed
     for lanes in widths:
         got_sum = torch.empty(rows)
         if lib.decode_stack_sum(sq.data_ptr(), got_sum.data_ptr(), rows, hidden, lanes) or not torch.equal(
@@ -173,10 +174,14 @@ def weights_fingerprint(model: nn.Module) -> tuple[int, ...]:
 
 
 def _storage(module: nn.Module) -> int:
+    # Looked up in the module's own tables: getattr on a missing name raises inside
+    # nn.Module.__getattr__, and this runs every decode step.
+    tables = (module._buffers, module._parameters, module.__dict__)
     for name in ("qweight", "weight", "packed"):  # quantized, plain, split fp32 layers
-        t = getattr(module, name, None)
-        if isinstance(t, torch.Tensor):
-            return t.data_ptr()
+        for table in tables:
+            t = table.get(name)
+            if isinstance(t, torch.Tensor):
+                return t.data_ptr()
     return id(module)
 
 

@@ -26,6 +26,14 @@ class RMSNorm(nn.Module):
         return self._norm(x)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() <= _C_NORM_MAX_ELEMENTS:
+            out = _c_norm(x, self.weight, self.eps, self.offset)
+            if out is not None:
+                return out
+        return self.torch_norm(x)
+
+    def torch_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm in PyTorch ops: the reference the C norm is checked against."""
         dtype = x.dtype
         shape = (x.shape[-1],)
         if self.offset:
@@ -36,6 +44,38 @@ class RMSNorm(nn.Module):
             return F.rms_norm(x, shape, self.weight, self.eps)
         # Llama normalises in float32, casts back, then scales in the model dtype.
         return self.weight * F.rms_norm(x.float(), shape, None, self.eps).to(dtype)
+
+
+# Up to this many elements (a decode step's few rows), bf16 norms on CPU run in C: four
+# PyTorch ops on one 576-wide row cost about 80 us, the C norm a few.
+_C_NORM_MAX_ELEMENTS = 64 * 2048
+
+
+def _c_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor | None:
+    """The C norm of the decode stack (``kernels/decode_stack.c``), which equals the
+    PyTorch code above bit for bit on machines where ``rmsnorm_lanes`` finds its sum
+    order; None where it does not apply."""
+    from tokenmill.layers import cpu_kernels
+    from tokenmill.layers.decode_stack import rmsnorm_lanes
+
+    C = x.shape[-1]
+    if not (
+        offset in (0.0, 1.0)
+        and x.is_contiguous()
+        and weight.dtype == torch.bfloat16
+        and weight.is_contiguous()
+        and weight.device.type == "cpu"
+        and weight.shape == (C,)
+    ):
+        return None
+    lanes = rmsnorm_lanes(C, eps)
+    if lanes is None:
+        return None
+    out = torch.empty_like(x)
+    rc = cpu_kernels._library().decode_stack_norm(
+        x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // C, C, eps, lanes, int(offset)
+    )
+    return out if rc == 0 else None
 
 
 class LayerNorm(nn.LayerNorm):

@@ -183,6 +183,18 @@ int decode_stack_rmsnorm(uint16_t *x, const uint16_t *add, const uint16_t *w, ui
     return 0;
 }
 
+/* out = the norm of each row of x (M, C), Llama's (offset 0) or Gemma's (offset 1): the
+ * layers' RMSNorm for a few rows, without four PyTorch ops. */
+int decode_stack_norm(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t M, int64_t C, double eps,
+                      int64_t lanes, int64_t offset) {
+    if (lanes < 1 || lanes > DS_MAX_LANES) return 1;
+    float *scratch = malloc(C * sizeof(float));
+    if (!scratch) return 2;
+    for (int64_t m = 0; m < M; m++) ds_norm_row(x + m * C, w, out + m * C, C, (float)eps, (int)lanes, (int)offset, scratch);
+    free(scratch);
+    return 0;
+}
+
 static int ds_linear_run(const ds_linear *l, const uint16_t *x, uint16_t *y, int64_t M, int nthreads) {
     if (l->group == 0) return bf16_gemv(x, (const uint16_t *)l->weight, l->bias, y, M, l->N, l->K, nthreads);
     if (l->group < 0) return int8_gemm_bf16(x, (const int8_t *)l->weight, l->scales_zeros, l->bias, y, M, l->N, l->K, nthreads);
