@@ -40,7 +40,7 @@ def test_small_bf16_norms_run_in_c_and_equal_pytorch_bit_for_bit(offset, hidden,
     norm = RMSNorm(hidden, 1e-6, offset=offset).to(bf16)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(hidden, generator=g) * 0.5)
-    for rows in (1, 7, 64):
+    for rows in (1, 7, 32):
         x = (torch.randn(rows, hidden, generator=g) * torch.logspace(-2, 2, rows).unsqueeze(1)).to(bf16)
         n = len(taken)
         out = norm(x)
