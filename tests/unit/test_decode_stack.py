@@ -290,8 +290,8 @@ def test_rmsnorm_matches_pytorch_bit_for_bit(hidden):
         norm.weight.uniform_(0, 2, generator=g)
         want, want_res = norm(x, add)
     res, out = x.clone(), torch.empty_like(x)
-    lib.decode_stack_rmsnorm(
-        res.data_ptr(), add.data_ptr(), norm.weight.data_ptr(), out.data_ptr(), 64, hidden, 1e-5, lanes
+    lib.decode_stack_norm(
+        res.data_ptr(), add.data_ptr(), norm.weight.data_ptr(), out.data_ptr(), 64, hidden, 1e-5, lanes, 0
     )
     assert torch.equal(out, want) and torch.equal(res, want_res)
     sq = torch.randn(64, hidden, generator=g).pow(2)

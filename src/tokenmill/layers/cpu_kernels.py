@@ -144,8 +144,7 @@ def _library() -> ctypes.CDLL | None:
     lib.int8_gemm_bf16.argtypes = [ptr] * 5 + [i64] * 3 + [i32]
     # The decode stack (layers/decode_stack.py): its structures travel by pointer.
     lib.decode_stack_bf16.argtypes = [ptr, ptr, ptr, i64] + [ptr] * 4 + [i64] + [ptr] * 5
-    lib.decode_stack_rmsnorm.argtypes = [ptr] * 4 + [i64, i64, ctypes.c_double, i64]
-    lib.decode_stack_norm.argtypes = [ptr] * 3 + [i64, i64, ctypes.c_double, i64, i64]
+    lib.decode_stack_norm.argtypes = [ptr] * 4 + [i64, i64, ctypes.c_double, i64, i64]
     lib.decode_stack_sum.argtypes = [ptr, ptr, i64, i64, i64]
     for name in (
         "bf16_gemv",
@@ -153,7 +152,6 @@ def _library() -> ctypes.CDLL | None:
         "int4a8_gemm_bf16",
         "int8_gemm_bf16",
         "decode_stack_bf16",
-        "decode_stack_rmsnorm",
         "decode_stack_norm",
         "decode_stack_sum",
     ):

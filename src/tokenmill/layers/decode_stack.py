@@ -12,7 +12,6 @@ paged cache; anything else, and every model it cannot take, runs the layers as u
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 from typing import Any
 
@@ -23,7 +22,7 @@ from torch import nn
 from tokenmill.layers import cpu_kernels
 from tokenmill.layers.activations import gelu_tanh
 from tokenmill.layers.linear import OneDNNPackedLinear
-from tokenmill.layers.norms import RMSNorm
+from tokenmill.layers.norms import RMSNorm, rmsnorm_lanes
 from tokenmill.layers.quantized import Int4Linear, Int8Linear
 
 log = logging.getLogger("tokenmill.kernels")
@@ -79,44 +78,6 @@ class _Dims(ctypes.Structure):
         ("scale", ctypes.c_double),
         ("gemma", _i64),
     ]
-
-
-@functools.cache
-def rmsnorm_lanes(hidden: int, eps: float, widths: tuple[int, ...] = (16, 8, 4, 1)) -> int | None:
-    """The accumulator width (the first of ``widths`` that works) with which the C RMSNorm
-    equals PyTorch's bit for bit on this machine (ATen's vectorized sum order depends on
-    the vector width it was built for and picks at run time), or None."""
-    lib = cpu_kernels._library()
-    if lib is None:
-        return None
-    g = torch.Generator().manual_seed(0)
-    rows = 256
-    # Sums of squares of like magnitude: a wrong order changes most of them in the last bit.
-    sq = torch.randn(rows, hidden, generator=g).pow(2)
-    want_sum = sq.sum(-1)
-    # Rows of very different scales, as hidden states have, and a weight not all ones.
-    x = (torch.randn(rows, hidden, generator=g) * torch.logspace(-2, 2, rows).unsqueeze(1)).bfloat16()
-    add = torch.randn(rows, hidden, generator=g).bfloat16()
-    norm = RMSNorm(hidden, eps)
-    with torch.no_grad():
-        norm.weight.copy_(torch.rand(hidden, generator=g) * 2)
-    norm = norm.bfloat16()
-    with torch.no_grad():
-        want_res = x + add
-        want = norm.torch_norm(want_res)  # PyTorch's ops, never the C norm being probed
-    for lanes in widths:
-        got_sum = torch.empty(rows)
-        if lib.decode_stack_sum(sq.data_ptr(), got_sum.data_ptr(), rows, hidden, lanes) or not torch.equal(
-            got_sum, want_sum
-        ):
-            continue
-        res, out = x.clone(), torch.empty_like(x)
-        rc = lib.decode_stack_rmsnorm(
-            res.data_ptr(), add.data_ptr(), norm.weight.data_ptr(), out.data_ptr(), rows, hidden, eps, lanes
-        )
-        if rc == 0 and torch.equal(out, want) and torch.equal(res, want_res):
-            return lanes
-    return None
 
 
 def _linear(module: nn.Module, keep: list[torch.Tensor]) -> _Linear | None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tokenmill.layers import cpu_kernels
 
 
 class RMSNorm(nn.Module):
@@ -54,12 +57,9 @@ _C_NORM_MAX_ELEMENTS = 64 * 1024
 
 
 def _c_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor | None:
-    """The C norm of the decode stack (``kernels/decode_stack.c``), which equals the
-    PyTorch code above bit for bit on machines where ``rmsnorm_lanes`` finds its sum
+    """The C norm of the decode stack (``kernels/decode_stack.c``), which equals
+    ``RMSNorm.torch_norm`` bit for bit on machines where ``rmsnorm_lanes`` finds its sum
     order; None where it does not apply."""
-    from tokenmill.layers import cpu_kernels
-    from tokenmill.layers.decode_stack import rmsnorm_lanes
-
     C = x.shape[-1]
     if not (
         offset in (0.0, 1.0)
@@ -75,9 +75,56 @@ def _c_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) ->
         return None
     out = torch.empty_like(x)
     rc = cpu_kernels._library().decode_stack_norm(
-        x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // C, C, eps, lanes, int(offset)
+        x.data_ptr(), None, weight.data_ptr(), out.data_ptr(), x.numel() // C, C, eps, lanes, int(offset)
     )
     return out if rc == 0 else None
+
+
+@functools.cache
+def rmsnorm_lanes(hidden: int, eps: float, widths: tuple[int, ...] = (16, 8, 4, 1)) -> int | None:
+    """The accumulator width (the first of ``widths`` that works) with which the C RMSNorm
+    (``kernels/decode_stack.c``) equals ``RMSNorm.torch_norm`` bit for bit on this machine
+    (ATen's vectorized sum order depends on the vector width it was built for and picks
+    at run time), or None."""
+    lib = cpu_kernels._library()
+    if lib is None:
+        return None
+    g = torch.Generator().manual_seed(0)
+    rows = 256
+    # Sums of squares of like magnitude: a wrong order changes most of them in the last bit.
+    sq = torch.randn(rows, hidden, generator=g).pow(2)
+    want_sum = sq.sum(-1)
+    # Rows of very different scales, as hidden states have, and a weight not all ones.
+    x = (torch.randn(rows, hidden, generator=g) * torch.logspace(-2, 2, rows).unsqueeze(1)).bfloat16()
+    add = torch.randn(rows, hidden, generator=g).bfloat16()
+    norm = RMSNorm(hidden, eps)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(hidden, generator=g) * 2)
+    norm = norm.bfloat16()
+    with torch.no_grad():
+        want_res = x + add
+        want = norm.torch_norm(want_res)  # PyTorch's ops, never the C norm being probed
+    for lanes in widths:
+        got_sum = torch.empty(rows)
+        if lib.decode_stack_sum(sq.data_ptr(), got_sum.data_ptr(), rows, hidden, lanes) or not torch.equal(
+            got_sum, want_sum
+        ):
+            continue
+        res, out = x.clone(), torch.empty_like(x)
+        rc = lib.decode_stack_norm(
+            res.data_ptr(),
+            add.data_ptr(),
+            norm.weight.data_ptr(),
+            out.data_ptr(),
+            rows,
+            hidden,
+            eps,
+            lanes,
+            0,
+        )
+        if rc == 0 and torch.equal(out, want) and torch.equal(res, want_res):
+            return lanes
+    return None
 
 
 class LayerNorm(nn.LayerNorm):

@@ -186,18 +186,15 @@ class Int8Linear(nn.Module):
             out = cpu_kernels.int8_mm(
                 x2.contiguous(), self.qweight, self.scales, self.bias, self.out_features, self.in_features
             )
-        elif self.own_kernel:  # other activations: the codes in PyTorch's layout, then as below
-            out = F.linear(x2, self.codes().to(x.dtype)) * self.scales.to(x.dtype)
-            if self.bias is not None:
-                out = out + self.bias
-        elif self.kernel is not None and self._kernel_fits(x2):
+        elif not self.own_kernel and self.kernel is not None and self._kernel_fits(x2):
             out = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales.to(x.dtype))
             if self.bias is not None:
                 out = out + self.bias
         else:
             # int8 values are exact in every float dtype, so scaling after the matmul is the
-            # same product, and N multiplies instead of N * K.
-            out = F.linear(x2, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
+            # same product, and N multiplies instead of N * K. (Packed codes, with other
+            # activations or off the CPU, come back in PyTorch's layout first.)
+            out = F.linear(x2, self.codes().to(x.dtype)) * self.scales.to(x.dtype)
             if self.bias is not None:
                 out = out + self.bias
         return out.view(*lead, self.out_features)

@@ -144,15 +144,15 @@ static void ds_norm_row(const uint16_t *x, const uint16_t *w, uint16_t *out, int
         for (int64_t c = 0; c < C; c++) out[c] = f32_to_bf16(bf16_to_f32(w[c]) * bf16_to_f32(f32_to_bf16(bf16_to_f32(x[c]) * r)));
 }
 
-/* out = norm of each row of x (M, C); with `add`, x = bf16(x + add) first (written back to
- * x: the residual stream). */
+/* out = norm of each row of x (M, C), Llama's (offset 0) or Gemma's (offset 1); with
+ * `add`, x = bf16(x + add) first (written back to x: the residual stream). */
 static void ds_rmsnorm(uint16_t *x, const uint16_t *add, const uint16_t *w, uint16_t *out, int64_t M, int64_t C,
-                       float eps, int lanes, float *scratch) {
+                       float eps, int lanes, int offset, float *scratch) {
     for (int64_t m = 0; m < M; m++) {
         uint16_t *xr = x + m * C;
         if (add)
             for (int64_t c = 0; c < C; c++) xr[c] = f32_to_bf16(bf16_to_f32(xr[c]) + bf16_to_f32(add[m * C + c]));
-        ds_norm_row(xr, w, out + m * C, C, eps, lanes, 0, scratch);
+        ds_norm_row(xr, w, out + m * C, C, eps, lanes, offset, scratch);
     }
 }
 
@@ -173,24 +173,15 @@ int decode_stack_sum(const float *v, float *out, int64_t M, int64_t n, int64_t l
     return 0;
 }
 
-int decode_stack_rmsnorm(uint16_t *x, const uint16_t *add, const uint16_t *w, uint16_t *out, int64_t M, int64_t C,
-                         double eps, int64_t lanes) {
+/* The norm above for the Python side: the sum-order probe and the checks that the C norm
+ * is PyTorch's, and the few-row norms of the layer path (layers/norms.py). x is written
+ * only with `add`. */
+int decode_stack_norm(uint16_t *x, const uint16_t *add, const uint16_t *w, uint16_t *out, int64_t M, int64_t C,
+                      double eps, int64_t lanes, int64_t offset) {
     if (lanes < 1 || lanes > DS_MAX_LANES) return 1;
     float *scratch = malloc(C * sizeof(float));
     if (!scratch) return 2;
-    ds_rmsnorm(x, add, w, out, M, C, (float)eps, (int)lanes, scratch);
-    free(scratch);
-    return 0;
-}
-
-/* out = the norm of each row of x (M, C), Llama's (offset 0) or Gemma's (offset 1): the
- * layers' RMSNorm for a few rows, without four PyTorch ops. */
-int decode_stack_norm(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t M, int64_t C, double eps,
-                      int64_t lanes, int64_t offset) {
-    if (lanes < 1 || lanes > DS_MAX_LANES) return 1;
-    float *scratch = malloc(C * sizeof(float));
-    if (!scratch) return 2;
-    for (int64_t m = 0; m < M; m++) ds_norm_row(x + m * C, w, out + m * C, C, (float)eps, (int)lanes, (int)offset, scratch);
+    ds_rmsnorm(x, add, w, out, M, C, (float)eps, (int)lanes, (int)offset, scratch);
     free(scratch);
     return 0;
 }
@@ -243,18 +234,11 @@ int decode_stack_bf16(const ds_layer *layers, const ds_dims *d, uint16_t *x, int
     uint16_t *res = (uint16_t *)(row + frow), *h = res + M * C, *qkv = h + M * C, *q = qkv + M * QKV;
     uint16_t *att = q + M * H * D, *gu = att + M * H * D, *act = gu + M * big, *y = act + M * I;
     int rc = 0;
-    memcpy(y, x, M * C * sizeof(uint16_t));
-    if (gemma) memcpy(res, x, M * C * sizeof(uint16_t));
+    memcpy(res, x, M * C * sizeof(uint16_t));
     for (int64_t li = 0; li < d->layers && rc == 0; li++) {
         const ds_layer *L = &layers[li];
-        if (gemma) {
-            for (int64_t m = 0; m < M; m++) ds_norm_row(res + m * C, L->input_norm, h + m * C, C, eps, lanes, 1, row);
-        } else if (li == 0) {
-            memcpy(res, y, M * C * sizeof(uint16_t));
-            ds_rmsnorm(res, NULL, L->input_norm, h, M, C, eps, lanes, row);
-        } else {
-            ds_rmsnorm(res, y, L->input_norm, h, M, C, eps, lanes, row);
-        }
+        /* Llama: the previous layer's MLP output joins the residual stream here */
+        ds_rmsnorm(res, gemma || li == 0 ? NULL : y, L->input_norm, h, M, C, eps, lanes, gemma, row);
         if ((rc = ds_linear_run(&L->qkv, h, qkv, M, nt))) break;
         if (L->q_norm) ds_qk_norm(qkv, L, d, M, QKV, row);
         const int local = L->local_rope && cos_l;
@@ -269,9 +253,9 @@ int decode_stack_bf16(const ds_layer *layers, const ds_dims *d, uint16_t *x, int
         if ((rc = ds_linear_run(&L->o, att, y, M, nt))) break;
         if (gemma) {
             ds_add_norm(res, y, L->post_norm, gu, M, C, eps, lanes, row);
-            for (int64_t m = 0; m < M; m++) ds_norm_row(res + m * C, L->pre_ff_norm, h + m * C, C, eps, lanes, 1, row);
+            ds_rmsnorm(res, NULL, L->pre_ff_norm, h, M, C, eps, lanes, 1, row);
         } else {
-            ds_rmsnorm(res, y, L->post_norm, h, M, C, eps, lanes, row);
+            ds_rmsnorm(res, y, L->post_norm, h, M, C, eps, lanes, 0, row);
         }
         if ((rc = ds_linear_run(&L->gate_up, h, gu, M, nt))) break;
         (gemma ? gelu_tanh_mul_bf16 : silu_mul_bf16)(gu, act, M, (int)I, nt);
