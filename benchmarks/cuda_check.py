@@ -58,6 +58,55 @@ def correctness(device: str) -> dict:
     return report
 
 
+def quantized_correctness(device: str) -> dict:
+    """int8, int4 and w4a8 weights on the device. For each mode: a tiny bf16 Llama's logits
+    against a model holding its dequantized weights (target: within 4 bf16 steps of the
+    largest logit, as in the CPU tests), the kernels its layers run and why any fall back,
+    and 32 greedy tokens through ``LLM(quantization=...)`` on the device against the same
+    on the CPU (bf16 on two devices may part where two logits are within rounding: the
+    index of the first difference is reported, 32 when none)."""
+    import copy
+
+    import tiny
+    from tokenmill import LLM, SamplingParams
+    from tokenmill.layers.attention import DenseAttention
+    from tokenmill.layers.quantized import Int4Linear, Int8Linear, quantize_model
+
+    d = tiny.save_tiny_dir("llama", tempfile.mkdtemp())
+    original = tiny.native_from_hf(tiny.hf_model("llama"), dtype=torch.bfloat16).to(device).eval()
+    ids = torch.randint(0, tiny.VOCAB, (2, 40), generator=torch.Generator().manual_seed(0)).to(device)
+    pos = torch.arange(40, device=device).expand(2, 40)
+    prompt = [5, 17, 42, 99, 7, 3, 250, 11]
+    sp = SamplingParams(temperature=0, max_tokens=32, min_tokens=32)
+    report = {}
+    for mode in ("int8", "int4", "w4a8"):
+        model = copy.deepcopy(original)
+        q = quantize_model(model, mode)
+        ref = tiny.dequantized_copy(original, model)
+        with torch.inference_mode():
+            got = model(ids, pos, DenseAttention(None, 0, 40, 39), None).float()
+            want = ref(ids, pos, DenseAttention(None, 0, 40, 39), None).float()
+        rel = ((got - want).abs().max() / want.abs().max()).item()
+        layers = [m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))]
+        tokens = {
+            dev: LLM(d, dtype="bfloat16", device=dev, quantization=mode)
+            .generate([prompt], sp)[0]
+            .outputs[0]
+            .token_ids
+            for dev in dict.fromkeys([device, "cpu"])
+        }
+        pairs = zip(tokens[device], tokens["cpu"])
+        report[mode] = {
+            "max_logit_err_rel": rel,
+            "within_4_bf16_steps": rel <= 4 * 2**-7,
+            "kernels": sorted({str(m.kernel) for m in layers}),
+            "fallback": sorted(set(q.fallback.values())),
+            "greedy_equal_to_cpu_up_to": next((i for i, (a, b) in enumerate(pairs) if a != b), 32),
+        }
+        print(mode, report[mode], flush=True)
+    return report
+
+
 def smollm2_shape_config(**extra):
     """A Llama config with SmolLM2-135M's shapes (the weights are random)."""
     import transformers
@@ -154,7 +203,11 @@ def main() -> None:
         "torch": torch.__version__,
     }
     print(info, flush=True)
-    result = {"info": info, "correctness": correctness(args.device)}
+    result = {
+        "info": info,
+        "correctness": correctness(args.device),
+        "quantized": quantized_correctness(args.device),
+    }
     if not args.skip_speed and args.device.startswith("cuda"):
         result["speed_bf16_smollm2_shape"] = speed(args.device, args.rounds)
     if args.out:

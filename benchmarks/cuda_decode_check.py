@@ -1,7 +1,9 @@
 """The GPU check of issue 4, prepared to run in one go on a CUDA machine.
 
 1. Correctness: every tiny architecture on the device against transformers on the CPU
-   (``cuda_check.correctness``: fp32 logits and 32 greedy tokens through ``LLM.generate``).
+   (``cuda_check.correctness``: fp32 logits and 32 greedy tokens through ``LLM.generate``);
+   int8, int4 and w4a8 weights on the device against their dequantized reference
+   (``cuda_check.quantized_correctness``).
 2. The device's copy bandwidth: a device-to-device copy of ``--copy-gib`` GiB, bytes
    read plus written over the time.
 3. A Llama of Llama-3.2-1B's shape (16 layers, hidden 2048, 32 query / 8 KV heads, MLP
@@ -206,7 +208,7 @@ def decode_and_throughput(model_dir: str, device: str, rounds: int, tiny: bool, 
 
 
 def run(device: str, rounds: int, tiny: bool, copy_gib: float, skip_correctness: bool = False) -> dict:
-    from cuda_check import correctness
+    from cuda_check import correctness, quantized_correctness
 
     info = {
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
@@ -216,6 +218,7 @@ def run(device: str, rounds: int, tiny: bool, copy_gib: float, skip_correctness:
     result: dict = {"info": info}
     if not skip_correctness:
         result["correctness"] = correctness(device)
+        result["quantized"] = quantized_correctness(device)
     bw = copy_bandwidth(device, copy_gib, rounds)
     result["copy_bandwidth_gb_s"] = bw / 1e9
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
@@ -227,6 +230,10 @@ def run(device: str, rounds: int, tiny: bool, copy_gib: float, skip_correctness:
         "graphs_give_the_eager_tokens": r["greedy_tokens_match_eager"],
         "padded_graphs_agree_with_eager": r["padded_graphs_max_logprob_diff"] < 0.05,
     }
+    if "quantized" in result:
+        result["targets"]["quantized_logits_within_4_bf16_steps"] = all(
+            v["within_4_bf16_steps"] for v in result["quantized"].values()
+        )
     print("targets", json.dumps(result["targets"]), flush=True)
     return result
 

@@ -91,6 +91,24 @@ def native_from_hf(hf, dtype=torch.float32):
     return model
 
 
+def dequantized_copy(original, quantized):
+    """``original`` with each linear weight replaced by the quantized layer's dequantized
+    weight: the reference a quantized model is compared with."""
+    import copy
+
+    from torch import nn
+
+    from tokenmill.layers.quantized import Int4Linear, Int8Linear
+
+    ref = copy.deepcopy(original)
+    for name, q in quantized.named_modules():
+        if isinstance(q, (Int8Linear, Int4Linear)):
+            lin = ref.get_submodule(name)
+            w = q.dequantized_weight().to(device=lin.weight.device, dtype=lin.weight.dtype)
+            lin.weight = nn.Parameter(w.t().contiguous() if getattr(lin, "weight_is_in_out", False) else w)
+    return ref
+
+
 def train_tokenizer(path: str, vocab_size: int = VOCAB) -> None:
     """A byte-level BPE tokenizer trained on a little text, saved as tokenizer.json."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers

@@ -27,6 +27,11 @@ def script(monkeypatch):
 def test_tiny_run_on_cpu_reports_every_figure(script):
     r = script.run("cpu", rounds=1, tiny=True, copy_gib=0.05)
     assert all(v["greedy_32_equal"] and v["max_abs_logit_err"] < 1e-4 for v in r["correctness"].values())
+    q = r["quantized"]
+    assert set(q) == {"int8", "int4", "w4a8"}
+    # the CPU is both devices here: the same engine, the same tokens
+    assert all(v["within_4_bf16_steps"] and v["greedy_equal_to_cpu_up_to"] == 32 for v in q.values())
+    assert q["w4a8"]["kernels"] == ["tokenmill.int4a8_mm"] or q["w4a8"]["fallback"]
     assert r["copy_bandwidth_gb_s"] > 0.1
     m = r["llama_1b"]
     # the tiny model: 2 layers of 64 wide, a 512-token vocabulary, tied embeddings counted once
@@ -48,4 +53,6 @@ def test_tiny_run_on_cpu_reports_every_figure(script):
         "throughput_at_least_5x_transformers",
         "graphs_give_the_eager_tokens",
         "padded_graphs_agree_with_eager",
+        "quantized_logits_within_4_bf16_steps",
     }
+    assert r["targets"]["quantized_logits_within_4_bf16_steps"]

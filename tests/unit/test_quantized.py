@@ -244,17 +244,6 @@ def test_int4_packed_for_cpu_refuses_input_elsewhere():
 
 
 # -- whole models -------------------------------------------------------------------------------------------
-def _dequantized_copy(original: nn.Module, quantized: nn.Module) -> nn.Module:
-    """``original`` with each linear weight replaced by the quantized layer's dequantized weight."""
-    ref = copy.deepcopy(original)
-    for name, q in quantized.named_modules():
-        if isinstance(q, (Int8Linear, Int4Linear)):
-            lin = ref.get_submodule(name)
-            w = q.dequantized_weight().to(lin.weight.dtype)
-            lin.weight = nn.Parameter(w.t().contiguous() if getattr(lin, "weight_is_in_out", False) else w)
-    return ref
-
-
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     B, T = ids.shape
     with torch.inference_mode():
@@ -271,7 +260,7 @@ def test_quantized_model_equals_its_dequantized_weights(arch, mode):
     assert not [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     assert "lm_head" in report.layers and report.mode == mode
     ids = torch.randint(0, tiny.VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
-    ref = _logits(_dequantized_copy(original, model), ids)
+    ref = _logits(tiny.dequantized_copy(original, model), ids)
     torch.testing.assert_close(_logits(model, ids), ref, atol=1e-4, rtol=0)
     # and the quantized model is still the same model: greedy choices mostly agree
     agree = (_logits(model, ids).argmax(-1) == _logits(original, ids).argmax(-1)).float().mean()
@@ -286,7 +275,7 @@ def test_bf16_quantized_model_runs_the_kernels_and_stays_close(mode):
     if (mode == "int4" and HAS_INT4_CPU) or (mode == "int8" and HAS_INT8):
         assert report.fallback == {}  # every tiny llama shape fits the kernels
     ids = torch.randint(0, tiny.VOCAB, (1, 24), generator=torch.Generator().manual_seed(0))
-    ref = _logits(_dequantized_copy(original, model), ids)
+    ref = _logits(tiny.dequantized_copy(original, model), ids)
     got = _logits(model, ids)
     # bf16 through 2 layers: a few bf16 steps of the largest logit.
     assert (got - ref).abs().max() <= 4 * 2**-7 * ref.abs().max()
