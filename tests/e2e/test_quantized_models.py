@@ -22,11 +22,19 @@ NAME = "smollm2-135m-instruct"
 PPL = dict(max_tokens=2048, window=1024, stride=512)
 
 
-def _installed() -> None:
+def _installed(name: str = NAME) -> None:
     from tokenmill.weights.packaged import PACKAGED
 
-    if not PACKAGED[NAME].is_installed():
-        pytest.skip(f"{NAME} is not installed ({PACKAGED[NAME].install})")
+    if not PACKAGED[name].is_installed():
+        pytest.skip(f"{name} is not installed ({PACKAGED[name].install})")
+
+
+def _within_bf16_rounding_of_its_blocks(module: Int4Linear, ref: torch.Tensor) -> bool:
+    """Half a bf16 step of the scale (times the largest |q - 8|) and of the zero point."""
+    sz = module.scales_and_zeros.float()
+    s = sz[..., 0].t().repeat_interleave(32, 1)
+    z = sz[..., 1].t().repeat_interleave(32, 1)
+    return bool(((module.dequantized_weight() - ref).abs() <= (8 * s.abs() + z.abs()) * 2**-8 + 1e-7).all())
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +82,37 @@ def test_int4_layers_come_from_the_q4_1_blocks():
             "_weight_int4pack_mm_for_cpu",
             "tokenmill.int4_mm",
         )
-        sz = module.scales_and_zeros.float()
-        s = sz[..., 0].t().repeat_interleave(32, 1)
-        z = sz[..., 1].t().repeat_interleave(32, 1)
-        # half a bf16 step of the scale (times the largest |q - 8|) and of the zero point
-        assert ((module.dequantized_weight() - ref).abs() <= (8 * s.abs() + z.abs()) * 2**-8 + 1e-7).all()
+        assert _within_bf16_rounding_of_its_blocks(module, ref)
+
+
+def test_gemma3_int4_layers_come_from_its_q4_k_blocks():
+    """The packaged Gemma 3 file stores every attention output and half the MLP down
+    projections as Q4_K: those become int4 layers from their own codes; the Q5_0, Q6_K and
+    Q8_0 matrices are quantized from floats."""
+    _installed("gemma3-270m")
+    from tokenmill.weights.gguf_file import GGUFFile
+
+    loaded = load_model("gemma3-270m", dtype="bfloat16", device="cpu", quantization="int4")
+    f = GGUFFile(loaded.source)
+    q4k = {
+        n
+        for n, info in f.tensor_info.items()
+        if n.startswith("blk.") and info.qtype == 12  # Q4_K
+    }
+    assert len(q4k) == 18 + 9
+    expected = {
+        "model.layers.{}.{}".format(
+            n.split(".")[1], "self_attn.o_proj" if "attn_output" in n else "mlp.down_proj"
+        )
+        for n in q4k
+    }
+    assert set(loaded.quantization.from_source) == expected
+    for n in sorted(q4k)[:4] + sorted(q4k)[-4:]:
+        i = int(n.split(".")[1])
+        layer = loaded.model.model.layers[i]
+        module = layer.self_attn.o_proj if "attn_output" in n else layer.mlp.down_proj
+        assert isinstance(module, Int4Linear) and module.group_size == 32
+        assert _within_bf16_rounding_of_its_blocks(module, f.tensor(n)), n
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4", "w4a8"])

@@ -555,6 +555,33 @@ def test_int4_blocks_read_as_the_gguf_package_dequantizes(q4_gguf):
     assert f.int4_blocks("token_embd.weight") is None  # Q8_0 is not a 4-bit type
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K])
+def test_int4_codes_of_random_blocks_are_the_gguf_dequantization(qtype):
+    """Random bytes for every field (all 6-bit scales and mins, both nibbles), finite fp16
+    scales: (q - 8) * scale + zero equals what the gguf package dequantizes."""
+    from tokenmill.weights.gguf_file import int4_from_blocks
+
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(int(qtype))
+    blocks = rng.integers(0, 256, (64, size), dtype=np.uint8)
+    halves = 2 if qtype == Q.Q4_K else (1 if qtype == Q.Q4_0 else 2)  # d (and m / dmin)
+    for h in range(halves):
+        blocks[:, 2 * h : 2 * h + 2] = (rng.standard_normal((64, 1)) * 0.01).astype(np.float16).view(np.uint8)
+    codes, scales, zeros = int4_from_blocks(blocks, qtype.name)
+    assert codes.shape == (64, block) and codes.dtype == np.uint8 and codes.max() <= 15
+    assert scales.shape == zeros.shape == (64, block // 32)
+    w = (codes.astype(np.float32) - 8) * scales.repeat(32, 1) + zeros.repeat(32, 1)
+    ref = gguf.quants.dequantize(blocks.reshape(-1), qtype).reshape(64, block)
+    np.testing.assert_allclose(w, ref, rtol=0, atol=1e-6 * float(np.abs(ref).max()))
+
+
+def test_int4_codes_refuse_other_block_types():
+    from tokenmill.weights.gguf_file import int4_from_blocks
+
+    with pytest.raises(ValueError, match="Q5_0 is not a 4-bit block type"):
+        int4_from_blocks(np.zeros((1, 22), np.uint8), "Q5_0")
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_int4_from_q4_blocks_is_the_gguf_dequantization(q4_gguf, dtype):
     """Built from the blocks, not re-quantized: fp32 is exact, bf16 within the rounding of the

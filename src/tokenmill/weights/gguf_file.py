@@ -182,37 +182,66 @@ class GGUFFile:
             ) from e
 
     def int4_blocks(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """A Q4_0 or Q4_1 matrix as it is stored: 4-bit codes with one scale and zero point
-        per block of 32 inputs, so that ``w = (q - 8) * scale + zero``; None for other types.
+        """A Q4_0, Q4_1 or Q4_K matrix as it is stored: 4-bit codes with one scale and zero
+        point per 32 inputs, so that ``w = (q - 8) * scale + zero``; None for other types.
 
-        Q4_0 stores ``w = d * (q - 8)`` (scale d, zero 0); Q4_1 stores ``w = d * q + m``
-        (scale d, zero m + 8d). Returns codes (rows, cols) uint8 in [0, 15] and scales and
-        zeros (rows, cols / 32) float32, rows in PyTorch (out, in) orientation.
+        Returns codes (rows, cols) uint8 in [0, 15] and scales and zeros (rows, cols / 32)
+        float32, rows in PyTorch (out, in) orientation. See ``int4_from_blocks``.
         """
         import gguf
 
         Q = gguf.GGMLQuantizationType
         info = self.tensor_info[name]
-        if info.qtype not in (Q.Q4_0, Q.Q4_1) or len(info.shape) != 2:
+        if info.qtype not in INT4_TYPES or len(info.shape) != 2:
             return None
         rows, cols = info.shape
         size = gguf.GGML_QUANT_SIZES[Q(info.qtype)][1]
         raw = np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=info.offset)
-        blocks = raw.reshape(-1, size)  # one row per block of 32 weights
-        d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # (blocks, 1)
-        if info.qtype == Q.Q4_1:
-            zero = blocks[:, 2:4].copy().view(np.float16).astype(np.float32) + 8 * d
-            qs = blocks[:, 4:]
-        else:
-            zero = np.zeros_like(d)
-            qs = blocks[:, 2:]
-        # Weight j of a block is the low nibble of byte j, weight j + 16 its high nibble.
-        codes = np.concatenate([qs & 15, qs >> 4], axis=1)  # (blocks, 32)
+        codes, scales, zeros = int4_from_blocks(raw.reshape(-1, size), Q(info.qtype).name)
         return (
             torch.from_numpy(codes.reshape(rows, cols)),
-            torch.from_numpy(d.reshape(rows, cols // 32)),
-            torch.from_numpy(zero.reshape(rows, cols // 32)),
+            torch.from_numpy(scales.reshape(rows, cols // 32)),
+            torch.from_numpy(zeros.reshape(rows, cols // 32)),
         )
+
+
+#: GGML types whose blocks are 4-bit codes with a scale and an offset per 32 weights.
+INT4_TYPES = (2, 3, 12)  # Q4_0, Q4_1, Q4_K
+
+
+def int4_from_blocks(blocks: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Codes (n, 32 * per_block) uint8 and scales, zeros (n, per_block) float32 of ``blocks``
+    (n, bytes per block), such that ``w = (q - 8) * scale + zero`` for each run of 32.
+
+    - Q4_0 (18 bytes, 32 weights): ``w = d * (q - 8)``: scale d, zero 0.
+    - Q4_1 (20 bytes, 32 weights): ``w = d * q + m``: scale d, zero m + 8d.
+    - Q4_K (144 bytes, 256 weights): fp16 d and dmin, then twelve bytes holding eight 6-bit
+      scales sc and mins mn, then the codes; run j has ``w = d * sc_j * q - dmin * mn_j``:
+      scale d * sc_j, zero 8 * scale - dmin * mn_j.
+
+    In Q4_0/Q4_1 weight j of a block is the low nibble of byte j and weight j + 16 its
+    high nibble; in Q4_K each 32 bytes hold two runs, the first in the low nibbles.
+    """
+    f16 = lambda b: b.copy().view(np.float16).astype(np.float32)  # noqa: E731
+    d = f16(blocks[:, 0:2])  # (n, 1)
+    if qtype == "Q4_K":
+        dmin, sc, qs = f16(blocks[:, 2:4]), blocks[:, 4:16], blocks[:, 16:144]
+        # Runs 0-3 keep their 6 bits in bytes 0-3 (scale) and 4-7 (min); runs 4-7 keep their
+        # low 4 bits in bytes 8-11 and their top 2 bits in the top bits of bytes 0-7.
+        lo, mid, hi = sc[:, 0:4], sc[:, 4:8], sc[:, 8:12]
+        scale = np.concatenate([lo & 63, (hi & 15) | ((lo >> 6) << 4)], axis=1).astype(np.float32)
+        mins = np.concatenate([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], axis=1).astype(np.float32)
+        q = qs.reshape(-1, 4, 1, 32)
+        codes = np.concatenate([q & 15, q >> 4], axis=2).reshape(-1, 256)
+        s = d * scale  # exact in float32: an fp16 times a 6-bit integer
+        return codes, s, 8 * s - dmin * mins
+    if qtype == "Q4_1":
+        zero, qs = f16(blocks[:, 2:4]) + 8 * d, blocks[:, 4:]
+    elif qtype == "Q4_0":
+        zero, qs = np.zeros_like(d), blocks[:, 2:]
+    else:
+        raise ValueError(f"{qtype} is not a 4-bit block type (Q4_0, Q4_1 or Q4_K)")
+    return np.concatenate([qs & 15, qs >> 4], axis=1), d, zero
 
 
 def _tensor_nbytes(dims: list[int], qtype: int, path: str, name: str) -> int:

@@ -220,16 +220,15 @@ def load_from_gguf(
 def _gguf_int4_sources(
     gguf: Any, model: nn.Module, hf_to_gguf: dict[str, str], transform: Any
 ) -> dict[str, Int4Source]:
-    """Linear layers whose every shard is stored as Q4_0 or Q4_1: their blocks become int4
-    layers as they are (group size 32), with no second rounding.
+    """Linear layers whose every shard is stored as Q4_0, Q4_1 or Q4_K: their blocks become
+    int4 layers as they are (group size 32), with no second rounding.
 
     Every other GGUF type is dequantized by the ``gguf`` package and quantized again:
     Q8_0 to int8 per channel (its per-32 scales do not fit one scale per channel) or to
-    int4, and Q4_x to int8, F16/BF16/F32 and the K-quants to either.
+    int4, the 4-bit types to int8, F16/BF16/F32, Q5/Q6 and the other K-quants to either.
     """
-    import gguf as gguf_pkg
+    from tokenmill.weights.gguf_file import INT4_TYPES
 
-    q4 = {gguf_pkg.GGMLQuantizationType.Q4_0, gguf_pkg.GGMLQuantizationType.Q4_1}
     packed: dict[str, tuple[str, int]] = getattr(model, "packed_modules", {})
     shards: dict[str, dict[int | None, str]] = {}
     for hf_name in hf_to_gguf:
@@ -245,7 +244,7 @@ def _gguf_int4_sources(
         order: list[int | None] = list(range(len(sizes))) if sizes is not None else [None]
         if set(parts) != set(order):
             continue
-        if not all(gguf.tensor_info[hf_to_gguf[parts[i]]].qtype in q4 for i in order):
+        if not all(gguf.tensor_info[hf_to_gguf[parts[i]]].qtype in INT4_TYPES for i in order):
             continue
 
         def source(names=tuple(parts[i] for i in order)):
