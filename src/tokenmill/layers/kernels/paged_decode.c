@@ -330,6 +330,11 @@ static inline __attribute__((always_inline)) void pv_tile(const float *sc, int64
         default: pv_tile(sc, sstride, v_cache, table, first, n, vstride, block_size, acc, Dv, ahead, 4, NC); break; \
     }
 
+/* Head dims over 64 come in tiles of at most 2 query heads (values_avx512). */
+#define PV_JB2(NC)                                                                                   \
+    if (jb == 1) pv_tile(sc, sstride, v_cache, table, first, n, vstride, block_size, acc, Dv, ahead, 1, NC); \
+    else pv_tile(sc, sstride, v_cache, table, first, n, vstride, block_size, acc, Dv, ahead, 2, NC);
+
 /* pv_tile for jb query heads and any head dim Dv (a multiple of 16, at most 128). */
 static void pv_tiles(const float *sc, int64_t sstride, const uint16_t *v_cache, const int64_t *table, int64_t first,
                      int64_t n, int64_t vstride, int block_size, float *acc, int Dv, int ahead, int jb) {
@@ -338,10 +343,10 @@ static void pv_tiles(const float *sc, int64_t sstride, const uint16_t *v_cache, 
         case 2: PV_JB(2); break;
         case 3: PV_JB(3); break;
         case 4: PV_JB(4); break;
-        case 5: PV_JB(5); break;
-        case 6: PV_JB(6); break;
-        case 7: PV_JB(7); break;
-        default: PV_JB(8); break;
+        case 5: PV_JB2(5); break;
+        case 6: PV_JB2(6); break;
+        case 7: PV_JB2(7); break;
+        default: PV_JB2(8); break;
     }
 }
 
@@ -550,6 +555,15 @@ static void pa_pack_values(const uint16_t *v, int64_t v_stride, int64_t S, int D
         }                                                                                           \
     } while (0)
 
+/* Head dims over 64 come in tiles of at most 2 rows (pa_task): 3 and 4 only up to 64. */
+#define PA_VALUES_NC4(MB)                                                                           \
+    switch (Dv / 16) {                                                                              \
+        case 1: PA_VALUES(MB, 1); break;                                                            \
+        case 2: PA_VALUES(MB, 2); break;                                                            \
+        case 3: PA_VALUES(MB, 3); break;                                                            \
+        default: PA_VALUES(MB, 4); break;                                                           \
+    }
+
 #define PA_VALUES_NC(MB)                                                                            \
     switch (Dv / 16) {                                                                              \
         case 1: PA_VALUES(MB, 1); break;                                                            \
@@ -602,8 +616,8 @@ static void pa_task(const uint16_t *q, int64_t q_stride, const uint16_t *kp, con
         const int tile = Dv > 64 ? 2 : 4; /* at most 16 accumulators */
         const int mb = rows - r0 < tile ? (int)(rows - r0) : tile;
         switch (mb) {
-            case 4: PA_VALUES_NC(4); break;
-            case 3: PA_VALUES_NC(3); break;
+            case 4: PA_VALUES_NC4(4); break;
+            case 3: PA_VALUES_NC4(3); break;
             case 2: PA_VALUES_NC(2); break;
             default: PA_VALUES_NC(1); break;
         }
