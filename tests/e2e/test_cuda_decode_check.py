@@ -7,6 +7,7 @@ not rot before a machine with a GPU runs it at full size.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -24,8 +25,11 @@ def script(monkeypatch):
     sys.modules.pop("cuda_decode_check", None)
 
 
-def test_tiny_run_on_cpu_reports_every_figure(script):
-    r = script.run("cpu", rounds=1, tiny=True, copy_gib=0.05)
+def test_tiny_run_on_cpu_reports_every_figure(script, tmp_path):
+    out = tmp_path / "result.json"
+    r = script.run("cpu", rounds=1, tiny=True, copy_gib=0.05, out=str(out))
+    assert "errors" not in r
+    assert json.loads(out.read_text())["targets"] == r["targets"]
     assert all(v["greedy_32_equal"] and v["max_abs_logit_err"] < 1e-4 for v in r["correctness"].values())
     q = r["quantized"]
     assert set(q) == {"int8", "int4", "w4a8"}
@@ -54,5 +58,23 @@ def test_tiny_run_on_cpu_reports_every_figure(script):
         "graphs_give_the_eager_tokens",
         "padded_graphs_agree_with_eager",
         "quantized_logits_within_4_bf16_steps",
+        "architectures_match_transformers",
     }
+    assert r["targets"]["quantized_logits_within_4_bf16_steps"]
+
+
+def test_a_failing_part_is_recorded_and_the_others_still_run(script, monkeypatch, tmp_path):
+    import cuda_check
+
+    def broken(device):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(cuda_check, "correctness", broken)
+    out = tmp_path / "result.json"
+    r = script.run("cpu", rounds=1, tiny=True, copy_gib=0.05, out=str(out))
+    assert list(r["errors"]) == ["correctness"]
+    assert "no kernel image is available" in r["errors"]["correctness"]
+    saved = json.loads(out.read_text())
+    assert saved["errors"] == r["errors"] and "llama_1b" in saved and "quantized" in saved
+    assert "architectures_match_transformers" not in r["targets"]
     assert r["targets"]["quantized_logits_within_4_bf16_steps"]
