@@ -100,6 +100,9 @@ def test_mixed_batch_of_decodes_and_chunks_matches_dense(dtype, use_kernels, win
         (5, 16, 2, 128, 8),  # 8 query heads per KV head: two register tiles of the wide head
         (4, 9, 3, 64, 32),  # 3 per KV head, a tile of 3
         (3, 4, 4, 32, 5),  # block size that 16 keys straddle
+        (6, 4, 1, 256, 16),  # Gemma 3's heads: values in two column chunks of 128
+        (1, 4, 1, 256, 16),
+        (4, 6, 2, 192, 8),  # a chunk of 128 columns and one of 64
     ],
 )
 def test_cpu_kernel_equals_reference_on_long_contexts(dtype, R, H, Hkv, D, bs):
@@ -124,7 +127,7 @@ def test_cpu_kernel_equals_reference_on_long_contexts(dtype, R, H, Hkv, D, bs):
 @pytest.mark.skipif(not cpu_kernels.paged_decode_available(torch.bfloat16), reason="no C compiler here")
 @pytest.mark.parametrize(
     "H,Hkv,D,bs",
-    [(9, 3, 64, 16), (16, 2, 128, 8), (4, 4, 32, 5), (8, 1, 64, 32)],
+    [(9, 3, 64, 16), (16, 2, 128, 8), (4, 4, 32, 5), (8, 1, 64, 32), (4, 1, 256, 16), (6, 2, 192, 8)],
 )
 def test_cpu_kernel_whole_row_tasks_equal_one_head_tasks_bit_for_bit(H, Hkv, D, bs):
     """A batch of rows runs whole-row tasks (each block read once for every KV head, the
@@ -205,6 +208,9 @@ PREFILL_SHAPES = [  # T, S, H, Hkv, D, Dv, window
     (512, 512, 9, 3, 64, 64, None),  # a SmolLM2 prompt
     (7, 30, 4, 2, 64, 64, None),  # a chunk after earlier context
     (33, 33, 8, 8, 128, 128, None),  # wide heads: two rows per value tile
+    (70, 70, 4, 1, 256, 256, None),  # Gemma 3's heads: values in two column chunks of 128
+    (9, 40, 2, 1, 256, 256, 16),
+    (21, 21, 3, 3, 192, 192, None),  # a chunk of 128 columns and one of 64
     (20, 50, 4, 1, 32, 32, 16),  # a sliding window shorter than the chunk
     (100, 260, 6, 2, 80, 80, 40),  # head size 80 (not a multiple of 32)
     (1, 1, 2, 1, 64, 64, None),

@@ -146,14 +146,14 @@ DEFINE_DECODE(paged_decode_f32, float, F32_LOAD, F32_STORE)
  *   transpose-and-add tree (hsum16), four times fewer instructions than one horizontal
  *   sum per key.
  * - The weighted sum of values keeps the accumulators of up to four query heads in
- *   registers (head dims up to 128) over a run of keys: a whole (row, KV head) task's,
+ *   registers (128 columns of a head at a time) over a run of keys: a whole (row, KV head) task's,
  *   or one block's in a whole-row task (stored between blocks, so every head of a block
  *   is done while it is in L1).
  * - A task is a whole row when there are rows enough for every thread, so each of the
  *   row's blocks is read once, front to back, every KV head of it at once (all KV heads
  *   of a token are adjacent), with the next block prefetched; with fewer rows a task is
  *   one (row, KV head).
- * Head dims must be multiples of 32 (q, k) and 16 (v), and at most 256 and 128. */
+ * Head dims must be multiples of 32 (q, k) and 16 (v), and at most 256. */
 
 /* The 16 horizontal sums of v[0..15], in order, in one vector. */
 static inline __m512 hsum16(const __m512 *v) {
@@ -335,18 +335,22 @@ static inline __attribute__((always_inline)) void pv_tile(const float *sc, int64
     if (jb == 1) pv_tile(sc, sstride, v_cache, table, first, n, vstride, block_size, acc, Dv, ahead, 1, NC); \
     else pv_tile(sc, sstride, v_cache, table, first, n, vstride, block_size, acc, Dv, ahead, 2, NC);
 
-/* pv_tile for jb query heads and any head dim Dv (a multiple of 16, at most 128). */
+/* pv_tile for jb query heads and any head dim Dv (a multiple of 16, at most 256): head
+ * dims over 128 in column chunks of 128, each a pass of its own over the values (16
+ * accumulators at most), the next block asked for on the first. */
 static void pv_tiles(const float *sc, int64_t sstride, const uint16_t *v_cache, const int64_t *table, int64_t first,
                      int64_t n, int64_t vstride, int block_size, float *acc, int Dv, int ahead, int jb) {
-    switch (Dv / 16) {
-        case 1: PV_JB(1); break;
-        case 2: PV_JB(2); break;
-        case 3: PV_JB(3); break;
-        case 4: PV_JB(4); break;
-        case 5: PV_JB2(5); break;
-        case 6: PV_JB2(6); break;
-        case 7: PV_JB2(7); break;
-        default: PV_JB2(8); break;
+    for (int c0 = 0; c0 < Dv; c0 += 128, v_cache += 128, acc += 128, ahead = 0) {
+        switch ((Dv - c0 < 128 ? Dv - c0 : 128) / 16) {
+            case 1: PV_JB(1); break;
+            case 2: PV_JB(2); break;
+            case 3: PV_JB(3); break;
+            case 4: PV_JB(4); break;
+            case 5: PV_JB2(5); break;
+            case 6: PV_JB2(6); break;
+            case 7: PV_JB2(7); break;
+            default: PV_JB2(8); break;
+        }
     }
 }
 
@@ -538,7 +542,7 @@ static void pa_pack_values(const uint16_t *v, int64_t v_stride, int64_t S, int D
         for (int i = 0; i < MB; ++i)                                                                \
             for (int c = 0; c < NC; ++c) acc[i][c] = _mm512_setzero_ps();                           \
         for (int64_t jp = 0; jp < np; ++jp) {                                                       \
-            const uint16_t *vj = vp + (j0 / 2 + jp) * Dv * 2;                                       \
+            const uint16_t *vj = vp + (j0 / 2 + jp) * Dv * 2 + cb * 32;                             \
             __m512bh vv[NC];                                                                        \
             for (int c = 0; c < NC; ++c) vv[c] = (__m512bh)_mm512_loadu_si512(vj + c * 32);         \
             for (int i = 0; i < MB; ++i) {                                                          \
@@ -549,7 +553,7 @@ static void pa_pack_values(const uint16_t *v, int64_t v_stride, int64_t S, int D
             }                                                                                       \
         }                                                                                           \
         for (int i = 0; i < MB; ++i) {                                                              \
-            uint16_t *o = out + (int64_t)(q0 + r0 + i) * H * Dv + (int64_t)h * Dv;                  \
+            uint16_t *o = out + (int64_t)(q0 + r0 + i) * H * Dv + (int64_t)h * Dv + cb * 16;        \
             for (int c = 0; c < NC; ++c)                                                            \
                 _mm256_storeu_si256((__m256i *)(o + c * 16), (__m256i)_mm512_cvtneps_pbh(acc[i][c])); \
         }                                                                                           \
@@ -557,7 +561,7 @@ static void pa_pack_values(const uint16_t *v, int64_t v_stride, int64_t S, int D
 
 /* Head dims over 64 come in tiles of at most 2 rows (pa_task): 3 and 4 only up to 64. */
 #define PA_VALUES_NC4(MB)                                                                           \
-    switch (Dv / 16) {                                                                              \
+    switch (nc) {                                                                                   \
         case 1: PA_VALUES(MB, 1); break;                                                            \
         case 2: PA_VALUES(MB, 2); break;                                                            \
         case 3: PA_VALUES(MB, 3); break;                                                            \
@@ -565,7 +569,7 @@ static void pa_pack_values(const uint16_t *v, int64_t v_stride, int64_t S, int D
     }
 
 #define PA_VALUES_NC(MB)                                                                            \
-    switch (Dv / 16) {                                                                              \
+    switch (nc) {                                                                                   \
         case 1: PA_VALUES(MB, 1); break;                                                            \
         case 2: PA_VALUES(MB, 2); break;                                                            \
         case 3: PA_VALUES(MB, 3); break;                                                            \
@@ -612,16 +616,20 @@ static void pa_task(const uint16_t *q, int64_t q_stride, const uint16_t *kp, con
             _mm256_storeu_si256((__m256i *)(pr + t), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(sr + t)));
     }
     const int64_t np = ns / 2;
-    for (r0 = 0; r0 < rows;) {
-        const int tile = Dv > 64 ? 2 : 4; /* at most 16 accumulators */
-        const int mb = rows - r0 < tile ? (int)(rows - r0) : tile;
-        switch (mb) {
-            case 4: PA_VALUES_NC4(4); break;
-            case 3: PA_VALUES_NC4(3); break;
-            case 2: PA_VALUES_NC(2); break;
-            default: PA_VALUES_NC(1); break;
+    /* head dims over 128 in column chunks of 128 (cb, nc: first column and width, in 16s) */
+    for (int cb = 0; cb < Dv / 16; cb += 8) {
+        const int nc = Dv / 16 - cb < 8 ? Dv / 16 - cb : 8;
+        for (r0 = 0; r0 < rows;) {
+            const int tile = Dv > 64 ? 2 : 4; /* at most 16 accumulators */
+            const int mb = rows - r0 < tile ? (int)(rows - r0) : tile;
+            switch (mb) {
+                case 4: PA_VALUES_NC4(4); break;
+                case 3: PA_VALUES_NC4(3); break;
+                case 2: PA_VALUES_NC(2); break;
+                default: PA_VALUES_NC(1); break;
+            }
+            r0 += mb;
         }
-        r0 += mb;
     }
 }
 
@@ -666,7 +674,7 @@ int paged_decode_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t
                       int64_t width, const int64_t *lens, uint16_t *out, int R, int H, int Hkv, int D, int Dv,
                       int block_size, float scale, int window, int nthreads) {
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-    if (D % 32 == 0 && Dv % 16 == 0 && D <= 256 && Dv <= 128)
+    if (D % 32 == 0 && Dv % 16 == 0 && D <= 256 && Dv <= 256)
         return paged_decode_bf16_avx512(q, k_cache, v_cache, tables, width, lens, out, R, H, Hkv, D, Dv,
                                         block_size, scale, window, nthreads);
 #endif
@@ -680,7 +688,7 @@ int prefill_attention_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *
                            int64_t v_stride, uint16_t *out, int64_t T, int64_t S, int H, int Hkv, int D, int Dv,
                            float scale, int64_t window, int nthreads) {
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-    if (T >= 1 && S >= T && Hkv >= 1 && H % Hkv == 0 && D % 2 == 0 && D <= 256 && Dv % 16 == 0 && Dv <= 128)
+    if (T >= 1 && S >= T && Hkv >= 1 && H % Hkv == 0 && D % 2 == 0 && D <= 256 && Dv % 16 == 0 && Dv <= 256)
         return prefill_attention_avx512(q, q_stride, k, k_stride, v, v_stride, out, T, S, H, Hkv, D, Dv, scale,
                                         window, nthreads);
 #endif
