@@ -17,7 +17,9 @@
    (``cuda_check.quantized_correctness``).
 
 Each part runs even if an earlier one failed (its traceback goes to ``errors``), and
-``--out`` is rewritten after every part, so a run cut short keeps what it measured.
+``--out`` is rewritten after every part, so a run cut short keeps what it measured. (An
+error that breaks the CUDA context itself, such as an illegal memory access, fails the
+parts after it too; their tracebacks say so.)
 
 Targets (issue 4): batch-1 decode at least 70% of the limit; throughput at least 5x
 transformers'. Medians over ``--rounds``.
@@ -36,7 +38,6 @@ import os
 import statistics
 import tempfile
 import time
-import traceback
 
 import torch
 
@@ -211,20 +212,6 @@ def decode_and_throughput(model_dir: str, device: str, rounds: int, tiny: bool, 
     return res
 
 
-def _section(result: dict, name: str, fn, out: str | None) -> None:
-    """Run one part of the check; a failure is recorded with its traceback and the rest
-    still runs (a GPU session is short: one broken part must not cost the others), and
-    the results so far are written after every part."""
-    try:
-        result[name] = fn()
-    except Exception:
-        result.setdefault("errors", {})[name] = traceback.format_exc()[-4000:]
-        print(f"{name} failed:\n{result['errors'][name]}", flush=True)
-    if out:
-        with open(out, "w") as f:
-            json.dump(result, f, indent=2, default=str)
-
-
 def run(
     device: str,
     rounds: int,
@@ -234,6 +221,7 @@ def run(
     out: str | None = None,
 ) -> dict:
     import cuda_check
+    from cuda_check import _section
 
     info = {
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
@@ -252,6 +240,8 @@ def run(
             lambda: decode_and_throughput(make_model_dir(tiny), device, rounds, tiny, bw * 1e9),
             out,
         )
+    else:
+        result.setdefault("errors", {})["llama_1b"] = "not run: no copy bandwidth to compare with"
     if not skip_correctness:
         _section(result, "correctness", lambda: cuda_check.correctness(device), out)
         _section(result, "quantized", lambda: cuda_check.quantized_correctness(device), out)

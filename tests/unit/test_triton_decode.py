@@ -29,6 +29,8 @@ SHAPES = [
     (4, 4, 32, 16),  # one query head per KV head, padded to 16 rows
     (9, 3, 64, 16),  # groups of 3
     (16, 2, 128, 32),  # groups of 8, wide heads, wide blocks
+    (4, 1, 256, 16),  # Gemma 3's heads
+    (32, 1, 64, 16),  # a group of 32 query heads
 ]
 WINDOWS = [None, 100, 7]
 
@@ -46,22 +48,31 @@ _RUNNER = textwrap.dedent(
 
 
 def _case(dtype, H, Hkv, D, bs, window):
-    """Inputs of paged_decode: rows of one key, a partial block, many blocks and an exact
-    multiple of the block size, over scattered blocks; padding past a row's end points at
-    block 0 and must not be read."""
+    """Inputs of paged_decode, as the engine passes them (int64 tables and lengths): rows
+    of one key, a partial block, many blocks and an exact multiple of the block size, over
+    scattered blocks. Returns the clean caches too: the kernel gets a copy with NaN in
+    every slot no row may read (block 0, where the tables' padding points; the tail of a
+    row's last block; the keys before its window), and must give what the reference gives
+    on the clean one."""
     g = torch.Generator().manual_seed(H * D + bs)
     NB = 64
     kc = torch.randn(NB, bs, Hkv, D, generator=g).to(dtype)
     vc = torch.randn(NB, bs, Hkv, D, generator=g).to(dtype)
-    lens = torch.tensor([1, 17, 300, 4 * bs], dtype=torch.int32)
-    tables = torch.zeros(lens.numel(), -(-300 // bs), dtype=torch.int32)
-    perm, used = torch.randperm(NB, generator=g), 0
+    lens = torch.tensor([1, 17, 300, 4 * bs])
+    tables = torch.zeros(lens.numel(), -(-300 // bs), dtype=torch.int64)
+    perm, used = torch.randperm(NB - 1, generator=g) + 1, 0
+    kp, vp = kc.clone(), vc.clone()
+    kp[0], vp[0] = float("nan"), float("nan")
     for r, n in enumerate(lens.tolist()):
         nb = -(-n // bs)
         tables[r, :nb] = perm[used : used + nb]
         used += nb
+        first = max(n - window, 0) if window else 0
+        for p in [*range(first), *range(n, nb * bs)]:
+            kp[tables[r, p // bs], p % bs] = float("nan")
+            vp[tables[r, p // bs], p % bs] = float("nan")
     q = torch.randn(lens.numel(), H, D, generator=g).to(dtype)
-    return (q, kc, vc, tables, lens, D**-0.5, window)
+    return (q, kp, vp, tables, lens, D**-0.5, window), (kc, vc)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +85,7 @@ def interpreted(tmp_path_factory):
         for window in WINDOWS
     }
     tmp = tmp_path_factory.mktemp("triton")
-    torch.save(cases, tmp / "in.pt")
+    torch.save({key: args for key, (args, _) in cases.items()}, tmp / "in.pt")
     src = str(Path(triton_kernels.__file__).parents[2])
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
@@ -94,11 +105,11 @@ def interpreted(tmp_path_factory):
 @pytest.mark.parametrize("window", WINDOWS)
 def test_interpreted_kernel_equals_the_reference(interpreted, dtype, shape, window):
     cases, outs = interpreted
-    q, kc, vc, tables, lens, scale, _ = cases[(dtype, shape, window)]
+    (q, _, _, tables, lens, scale, _), (kc, vc) = cases[(dtype, shape, window)]
     out = outs[(dtype, shape, window)]
     R, H, D = q.shape
     cache = PagedKVCache(1, 1, kc.shape[1], kc.shape[2], D, torch.float32, torch.device("cpu"))
-    ref = PagedAttention(cache, torch.zeros(0), 0, R, tables.long(), lens.long(), use_kernels=False)
+    ref = PagedAttention(cache, torch.zeros(0), 0, R, tables, lens, use_kernels=False)
     expected = ref._decode(q.float(), kc.float(), vc.float(), scale, window)
     assert out.shape == (R, H * D) and out.dtype == dtype
     # fp16: the softmax weights are rounded to fp16 before the value product.
@@ -116,3 +127,30 @@ def test_supports_only_what_the_kernel_tiles(monkeypatch):
         assert not triton_kernels.supports(*shape), shape
     monkeypatch.setattr(triton_kernels, "available", lambda: False)
     assert not triton_kernels.supports(64, 64, 16)
+
+
+def test_a_kernel_that_fails_to_build_falls_back_once(monkeypatch, caplog):
+    """A shape Triton cannot build (e.g. too much shared memory for this GPU) returns None,
+    so that the caller takes the PyTorch path, with one warning; it is not tried again."""
+    from triton.runtime.errors import OutOfResources
+
+    calls = []
+
+    class Launcher:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                calls.append(grid)
+                raise OutOfResources(232448, 166912, "shared memory")
+
+            return launch
+
+    monkeypatch.setattr(triton_kernels, "_kernel", lambda: Launcher())
+    monkeypatch.setattr(triton_kernels, "_failed", set())
+    (q, kc, vc, tables, lens, scale, window), _ = _case(torch.float16, 4, 1, 256, 16, None)
+    with caplog.at_level("WARNING", logger="tokenmill.layers.triton_kernels"):
+        assert triton_kernels.paged_decode(q, kc, vc, tables, lens, scale, window) is None
+        assert triton_kernels.paged_decode(q, kc, vc, tables, lens, scale, window) is None
+    assert len(calls) == 1
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith("Triton decode attention failed for 4 heads / 1 KV heads of 256, blocks of 16")
+    assert "shared memory" in message and message.endswith("; using PyTorch attention")

@@ -184,9 +184,11 @@ class PagedAttention:
             from tokenmill.layers import triton_kernels
 
             if triton_kernels.supports(q.shape[-1], vc.shape[-1], kc.shape[1]):
-                return triton_kernels.paged_decode(
+                out = triton_kernels.paged_decode(
                     q, kc, vc, self.decode_tables, self.decode_lens, scale, window
                 )
+                if out is not None:
+                    return out
         R, H, D = q.shape
         Hkv = kc.shape[2]
         table = self.decode_tables.view(-1)

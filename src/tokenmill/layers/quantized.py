@@ -492,7 +492,7 @@ class QuantizationReport:
     group_size: int | None = None
     #: every replaced layer
     layers: list[str] = field(default_factory=list)
-    #: int4 layers built straight from prequantized codes (GGUF Q4_0 / Q4_1 blocks)
+    #: int4 layers built straight from prequantized codes (GGUF Q4_0 / Q4_1 / Q4_K blocks)
     from_source: list[str] = field(default_factory=list)
     #: layers that run the dequantize-then-matmul path, with the reason
     fallback: dict[str, str] = field(default_factory=dict)
@@ -549,7 +549,7 @@ def quantize_model(
         group_size: input features per int4 scale and zero point: 32, 64 or 128.
         dtype: activation dtype for the scales (default: each weight's own dtype).
         sources: int4 only: module name -> prequantized codes to use instead of quantizing
-            the weight (GGUF Q4_0 / Q4_1 blocks). Each is checked against the loaded weight.
+            the weight (GGUF Q4_0 / Q4_1 / Q4_K blocks). Each is checked against the loaded weight.
 
     Returns:
         A QuantizationReport, or None when ``mode`` is None.

@@ -7,8 +7,11 @@ PyTorch reference path in ``paged_attention``.
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -60,19 +63,22 @@ def _kernel():
         for b in range(first // BS, tl.cdiv(length, BS)):
             block = tl.load(Tables + r * table_stride + b).to(tl.int64)
             pos = b * BS + offs_t
+            # Slots outside [first, length) are not loaded: a reused block may hold anything
+            # there (0 * NaN would spoil the row even at zero weight).
+            valid = (pos < length) & (pos >= first)
             kv_off = ((block * BS + offs_t)[:, None] * NUM_KV_HEADS + hk) * D + offs_d[None, :]
-            k = tl.load(K + kv_off)
+            k = tl.load(K + kv_off, mask=valid[:, None], other=0.0)
             if IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(k))
             s = s * scale
-            s = tl.where(((pos < length) & (pos >= first))[None, :], s, float("-inf"))
+            s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m - m_new)
             denom = denom * alpha + tl.sum(p, 1)
-            v = tl.load(V + kv_off)
+            v = tl.load(V + kv_off, mask=valid[:, None], other=0.0)
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
             else:
@@ -90,6 +96,11 @@ def supports(head_dim: int, v_head_dim: int, block_size: int) -> bool:
     return available() and head_dim == v_head_dim and pow2(head_dim) and pow2(block_size)
 
 
+#: shapes whose kernel failed to compile or launch (e.g. too much shared memory on a
+#: smaller GPU): they take the PyTorch path from then on, without trying again.
+_failed: set[tuple] = set()
+
+
 def paged_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -98,29 +109,44 @@ def paged_decode(
     lens: torch.Tensor,
     scale: float,
     window: int | None,
-) -> torch.Tensor:
-    """q: (R, H, D); caches (blocks, bs, H_kv, D). Returns (R, H * D)."""
+) -> torch.Tensor | None:
+    """q: (R, H, D); caches (blocks, bs, H_kv, D). Returns (R, H * D), or None where
+    Triton could not build or launch the kernel for these shapes (logged once)."""
+    from triton.runtime.errors import TritonError
+
     R, H, D = q.shape
     _, bs, Hkv, _ = k_cache.shape
     G = H // Hkv
+    key = (H, Hkv, D, bs, q.dtype, q.device.index)
+    if key in _failed:
+        return None
     q = q.contiguous()
     out = torch.empty_like(q)
     tables = tables.contiguous()
-    _kernel()[(R, Hkv)](
-        q,
-        k_cache,
-        v_cache,
-        tables,
-        lens.contiguous(),
-        out,
-        scale,
-        window or (1 << 30),
-        tables.stride(0),
-        NUM_KV_HEADS=Hkv,
-        G=G,
-        G_PAD=max(16, 1 << (G - 1).bit_length()),
-        D=D,
-        BS=bs,
-        IEEE=q.dtype == torch.float32,
-    )
+    try:
+        _kernel()[(R, Hkv)](
+            q,
+            k_cache,
+            v_cache,
+            tables,
+            lens.contiguous(),
+            out,
+            scale,
+            window or (1 << 30),
+            tables.stride(0),
+            NUM_KV_HEADS=Hkv,
+            G=G,
+            G_PAD=max(16, 1 << (G - 1).bit_length()),
+            D=D,
+            BS=bs,
+            IEEE=q.dtype == torch.float32,
+        )
+    except TritonError as e:
+        _failed.add(key)
+        log.warning(
+            "Triton decode attention failed for %d heads / %d KV heads of %d, blocks of %d, %s (%s); "
+            "using PyTorch attention",
+            H, Hkv, D, bs, q.dtype, e,
+        )  # fmt: skip
+        return None
     return out.view(R, H * D)

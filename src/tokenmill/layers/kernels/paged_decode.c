@@ -330,10 +330,14 @@ static inline __attribute__((always_inline)) void pv_tile(const float *sc, int64
         default: pv_tile(sc, sstride, v_cache, table, first, n, vstride, block_size, acc, Dv, ahead, 4, NC); break; \
     }
 
-/* Head dims over 64 come in tiles of at most 2 query heads (values_avx512). */
+/* Over 64 columns, at most 2 query heads at a time (16 accumulators): pairs, then one. */
 #define PV_JB2(NC)                                                                                   \
-    if (jb == 1) pv_tile(sc, sstride, v_cache, table, first, n, vstride, block_size, acc, Dv, ahead, 1, NC); \
-    else pv_tile(sc, sstride, v_cache, table, first, n, vstride, block_size, acc, Dv, ahead, 2, NC);
+    for (int j = 0; j < jb; j += 2) {                                                                \
+        const float *sj = sc + (int64_t)j * sstride;                                                 \
+        float *aj = acc + (int64_t)j * Dv;                                                           \
+        if (jb - j == 1) pv_tile(sj, sstride, v_cache, table, first, n, vstride, block_size, aj, Dv, ahead, 1, NC); \
+        else pv_tile(sj, sstride, v_cache, table, first, n, vstride, block_size, aj, Dv, ahead, 2, NC);             \
+    }
 
 /* pv_tile for jb query heads and any head dim Dv (a multiple of 16, at most 256): head
  * dims over 128 in column chunks of 128, each a pass of its own over the values (16
@@ -559,7 +563,7 @@ static void pa_pack_values(const uint16_t *v, int64_t v_stride, int64_t S, int D
         }                                                                                           \
     } while (0)
 
-/* Head dims over 64 come in tiles of at most 2 rows (pa_task): 3 and 4 only up to 64. */
+/* Rows 3 and 4 only for chunks of up to 64 columns (pa_task picks the tile from nc). */
 #define PA_VALUES_NC4(MB)                                                                           \
     switch (nc) {                                                                                   \
         case 1: PA_VALUES(MB, 1); break;                                                            \
@@ -620,7 +624,7 @@ static void pa_task(const uint16_t *q, int64_t q_stride, const uint16_t *kp, con
     for (int cb = 0; cb < Dv / 16; cb += 8) {
         const int nc = Dv / 16 - cb < 8 ? Dv / 16 - cb : 8;
         for (r0 = 0; r0 < rows;) {
-            const int tile = Dv > 64 ? 2 : 4; /* at most 16 accumulators */
+            const int tile = nc > 4 ? 2 : 4; /* at most 16 accumulators */
             const int mb = rows - r0 < tile ? (int)(rows - r0) : tile;
             switch (mb) {
                 case 4: PA_VALUES_NC4(4); break;
