@@ -91,6 +91,15 @@ def _kernel():
     return paged_decode_kernel
 
 
+@functools.cache
+def _triton_error() -> type[Exception]:
+    """What Triton raises when it cannot build or launch a kernel (looked up once: this
+    runs for every layer of every eager decode step)."""
+    from triton.runtime.errors import TritonError
+
+    return TritonError
+
+
 def supports(head_dim: int, v_head_dim: int, block_size: int) -> bool:
     pow2 = lambda x: x >= 16 and x & (x - 1) == 0  # noqa: E731
     return available() and head_dim == v_head_dim and pow2(head_dim) and pow2(block_size)
@@ -112,8 +121,6 @@ def paged_decode(
 ) -> torch.Tensor | None:
     """q: (R, H, D); caches (blocks, bs, H_kv, D). Returns (R, H * D), or None where
     Triton could not build or launch the kernel for these shapes (logged once)."""
-    from triton.runtime.errors import TritonError
-
     R, H, D = q.shape
     _, bs, Hkv, _ = k_cache.shape
     G = H // Hkv
@@ -141,7 +148,7 @@ def paged_decode(
             BS=bs,
             IEEE=q.dtype == torch.float32,
         )
-    except TritonError as e:
+    except _triton_error() as e:
         _failed.add(key)
         log.warning(
             "Triton decode attention failed for %d heads / %d KV heads of %d, blocks of %d, %s (%s); "

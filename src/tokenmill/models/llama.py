@@ -186,7 +186,7 @@ class CausalLM(nn.Module):
         return self.layer_by_layer(x, positions, ctx)
 
     def layer_by_layer(self, x: torch.Tensor, positions: torch.Tensor, ctx: Any) -> torch.Tensor:
-        cos, sin = self.rotary(positions, x.dtype, ctx.max_position)
+        cos, sin = self.rope_tables(positions, x.dtype, ctx)
         residual = None
         for layer in self.model.layers:
             x, residual = layer(x, cos, sin, ctx, residual)

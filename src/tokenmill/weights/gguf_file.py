@@ -181,6 +181,12 @@ class GGUFFile:
                 "gguf package cannot dequantize; upgrade gguf or re-quantize the file"
             ) from e
 
+    def qtype_name(self, name: str) -> str:
+        """The GGML type of a tensor by name: "F32", "Q4_1", "Q4_K", ..."""
+        import gguf
+
+        return gguf.GGMLQuantizationType(self.tensor_info[name].qtype).name
+
     def int4_blocks(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """A Q4_0, Q4_1 or Q4_K matrix as it is stored: 4-bit codes with one scale and zero
         point per 32 inputs, so that ``w = (q - 8) * scale + zero``; None for other types.
@@ -190,14 +196,13 @@ class GGUFFile:
         """
         import gguf
 
-        Q = gguf.GGMLQuantizationType
-        info = self.tensor_info[name]
-        if info.qtype not in INT4_TYPES or len(info.shape) != 2:
+        info, qtype = self.tensor_info[name], self.qtype_name(name)
+        if qtype not in INT4_TYPES or len(info.shape) != 2:
             return None
         rows, cols = info.shape
-        size = gguf.GGML_QUANT_SIZES[Q(info.qtype)][1]
+        size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][1]
         raw = np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=info.offset)
-        codes, scales, zeros = int4_from_blocks(raw.reshape(-1, size), Q(info.qtype).name)
+        codes, scales, zeros = int4_from_blocks(raw.reshape(-1, size), qtype)
         return (
             torch.from_numpy(codes.reshape(rows, cols)),
             torch.from_numpy(scales.reshape(rows, cols // 32)),
@@ -206,7 +211,7 @@ class GGUFFile:
 
 
 #: GGML types whose blocks are 4-bit codes with a scale and an offset per 32 weights.
-INT4_TYPES = (2, 3, 12)  # Q4_0, Q4_1, Q4_K
+INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 
 
 def int4_from_blocks(blocks: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

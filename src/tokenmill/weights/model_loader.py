@@ -244,7 +244,7 @@ def _gguf_int4_sources(
         order: list[int | None] = list(range(len(sizes))) if sizes is not None else [None]
         if set(parts) != set(order):
             continue
-        if not all(gguf.tensor_info[hf_to_gguf[parts[i]]].qtype in INT4_TYPES for i in order):
+        if not all(gguf.qtype_name(hf_to_gguf[parts[i]]) in INT4_TYPES for i in order):
             continue
 
         def source(names=tuple(parts[i] for i in order)):

@@ -33,8 +33,6 @@
 /* Below this many weights the OpenMP team costs more than the second core saves. */
 #define BF16_PARALLEL_MIN (1 << 15)
 
-
-
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 
 #if defined(__AVX512BF16__)

@@ -81,8 +81,6 @@ typedef struct {
     int64_t gemma; /* the Gemma 3 layer: (1 + w) norms in float32, four of them, GELU-tanh gate */
 } ds_dims;
 
-
-
 #define DS_MAX_LANES 16
 
 /* The float32 sum of v[0..n) in the order of ATen's vectorized inner sum with vectors of

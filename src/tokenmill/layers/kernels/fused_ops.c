@@ -17,8 +17,6 @@
 
 #define PARALLEL_MIN_ELEMENTS (1 << 16)
 
-
-
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
 /* exp(x) for any float, vectorizable: 2^t = 2^n * 2^f with n = rint(t), f in [-1/2, 1/2],
