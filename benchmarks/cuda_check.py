@@ -74,9 +74,9 @@ def correctness(device: str) -> dict:
 
 
 def quantized_correctness(device: str) -> dict:
-    """int8, int4 and w4a8 weights on the device. For each mode: a tiny bf16 Llama's logits
-    against the same layers' reference path (``use_kernel=False``: the dequantized weight,
-    and for w4a8 the int8-rounded activations, in float32; target: within 4 bf16 steps of
+    """int8, w8a8, int4 and w4a8 weights on the device. For each mode: a tiny bf16 Llama's
+    logits against the same layers' reference path (``use_kernel=False``: the dequantized
+    weight, and for w4a8 and w8a8 the int8-rounded activations, in float32; target: within 4 bf16 steps of
     the largest logit, as in the CPU tests) and against a float model holding the
     dequantized weights (what the mode costs); the kernels its layers run and why any
     fall back; and 32 greedy tokens through ``LLM(quantization=...)`` on the device
@@ -105,7 +105,7 @@ def quantized_correctness(device: str) -> dict:
         return ((a - b).abs().max() / b.abs().max()).item()
 
     report = {}
-    for mode in ("int8", "int4", "w4a8"):
+    for mode in ("int8", "w8a8", "int4", "w4a8"):
         model = copy.deepcopy(original)
         q = quantize_model(model, mode)
         layers = [m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))]

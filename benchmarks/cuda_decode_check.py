@@ -13,7 +13,7 @@
      ``LLM.generate``, against transformers' padded ``generate`` of the same batch.
 3. Correctness: every tiny architecture on the device against transformers on the CPU
    (``cuda_check.correctness``: fp32 logits and 32 greedy tokens through ``LLM.generate``);
-   int8, int4 and w4a8 weights on the device against their dequantized reference
+   int8, w8a8, int4 and w4a8 weights on the device against their dequantized reference
    (``cuda_check.quantized_correctness``).
 
 Each part runs even if an earlier one failed (its traceback goes to ``errors``), and

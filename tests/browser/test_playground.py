@@ -393,9 +393,13 @@ def test_page_stays_responsive_while_a_long_generation_streams(page):
     )
     page.el("#generate").click()
     page.wait(lambda: int(page.text("#stat-tokens")) > 20, 30, "the stream to start")
+    page.fill("#prompt", "typed while streaming")
+    assert page.el("#prompt").get_attribute("value") == "typed while streaming"
+    # Each check counts only while tokens still stream in: the tiny model can finish its
+    # 4,000 tokens within a few checks on a fast machine.
     lags = []
-    for i in range(6):
-        page.el("#tab-tokens" if i % 2 == 0 else "#tab-text").click()
+    while len(lags) < 6 and page.text("#stat-finish") == "streaming…":
+        page.el("#tab-tokens" if len(lags) % 2 == 0 else "#tab-text").click()
         # the event loop answers a timer promptly while tokens stream in
         lags.append(
             page.driver.execute_async_script(
@@ -404,12 +408,13 @@ def test_page_stays_responsive_while_a_long_generation_streams(page):
             )
         )
         time.sleep(0.05)
-    assert page.text("#stat-finish") == "streaming…", "the stream ended before the checks"
-    page.fill("#prompt", "typed while streaming")
-    assert page.el("#prompt").get_attribute("value") == "typed while streaming"
+    assert len(lags) >= 2, f"the stream ended after {len(lags)} checks"
     delays = page.js("return window.delays")
-    assert len(delays) == 6 and max(delays) < 200, delays
+    assert len(delays) == len(lags) and max(delays) < 200, delays
     assert max(lags) < 200, lags
+    if page.text("#stat-finish") != "streaming…":  # finished: stop the next one instead
+        page.el("#generate").click()
+        page.wait(lambda: page.text("#stat-finish") == "streaming…", 30, "the second stream")
     page.el("#stop").click()
     page.wait(lambda: page.text("#stat-finish") == "stopped", 20, "the stop")
 

@@ -51,13 +51,15 @@ def test_bad_quantization_values_are_named():
     assert res.returncode == 2
     assert "argument --quantization: invalid choice: 'int3' (choose from" in res.stderr
     with pytest.raises(
-        ValueError, match=r"quantization must be one of 'int8', 'int4', 'w4a8' or None \('none'\), got 'fp8'"
+        ValueError,
+        match=r"quantization must be one of 'int8', 'int4', 'w4a8', 'w8a8', 'gguf' or None \('none'\), got 'fp8'",
     ):
         LLM("/no/such/model", quantization="fp8")  # checked before anything loads
     from tokenmill.generation.engine import EngineConfig
 
     with pytest.raises(
-        ValueError, match=r"quantization must be one of 'int8', 'int4', 'w4a8' or None \('none'\), got 'q4'"
+        ValueError,
+        match=r"quantization must be one of 'int8', 'int4', 'w4a8', 'w8a8', 'gguf' or None \('none'\), got 'q4'",
     ):
         EngineConfig(quantization="q4")
 
@@ -96,3 +98,11 @@ def test_perplexity_errors_are_one_line(model_dir, tmp_path):
     )
     res = _run("perplexity", "--model", model_dir, "--window", "100000")
     assert res.returncode == 2 and "window must be an integer in [2, 256]" in res.stderr
+
+
+def test_gguf_quantization_of_a_safetensors_model_is_one_line(model_dir):
+    assert build_parser().parse_args(["generate", "Hi", "--quantization", "gguf"]).quantization == "gguf"
+    res = _run("generate", "Hi", "--model", model_dir, "--quantization", "gguf")
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "holds safetensors weights, and quantization 'gguf' keeps the precision" in res.stderr
+    assert "pick int8, int4, w4a8 or w8a8" in res.stderr

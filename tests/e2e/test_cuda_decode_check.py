@@ -32,13 +32,14 @@ def test_tiny_run_on_cpu_reports_every_figure(script, tmp_path):
     assert json.loads(out.read_text())["targets"] == r["targets"]
     assert all(v["greedy_32_equal"] and v["max_abs_logit_err"] < 1e-4 for v in r["correctness"].values())
     q = r["quantized"]
-    assert set(q) == {"int8", "int4", "w4a8"}
+    assert set(q) == {"int8", "w8a8", "int4", "w4a8"}
     # the CPU is both devices here: the same engine, the same tokens
     assert all(v["within_4_bf16_steps"] and v["greedy_equal_to_cpu_up_to"] == 32 for v in q.values())
     # against the layers' own reference the kernels are within rounding; against the
-    # float model with the dequantized weights, w4a8 also pays for its rounded activations
+    # float model with the dequantized weights, w4a8 and w8a8 also pay for their rounded activations
     assert all(v["max_logit_err_rel"] < 2**-6 and v["vs_dequantized_float_model"] < 2**-5 for v in q.values())
     assert q["w4a8"]["kernels"] == ["tokenmill.int4a8_mm"] or q["w4a8"]["fallback"]
+    assert q["w8a8"]["kernels"] == ["tokenmill.int8a8_mm"] or q["w8a8"]["fallback"]
     assert r["copy_bandwidth_gb_s"] > 0.1
     m = r["llama_1b"]
     # the tiny model: 2 layers of 64 wide, a 512-token vocabulary, tied embeddings counted once

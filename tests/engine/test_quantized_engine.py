@@ -11,24 +11,54 @@ compares: at the first divergence each side's token is in the other's top 5.
 from __future__ import annotations
 
 import pytest
+from torch import nn
 
 import tiny
 from tokenmill import SamplingParams
 from tokenmill.generation.dense_engine import Sequence, generate_batch
 from tokenmill.generation.outputs import RequestMetrics
-from tokenmill.layers.quantized import Int4Linear, Int8Linear
+from tokenmill.layers.quantized import Int4Linear, Int8Linear, quantize_model
 from tokenmill.weights.model_loader import load_model
 from workload import _dense_alone, _engine, _run, _workload
 
 
 def _load(tiny_root: str, mode: str, dtype: str):
+    if mode == "gguf":
+        return _load_mixed(tiny_root, dtype)
     loaded = load_model(tiny.save_tiny_dir("llama", tiny_root), dtype=dtype, device="cpu", quantization=mode)
-    kind = Int8Linear if mode == "int8" else Int4Linear
+    kind = Int8Linear if mode in ("int8", "w8a8") else Int4Linear
     assert isinstance(loaded.model.lm_head, kind) and loaded.quantization.mode == mode
     return loaded
 
 
-@pytest.fixture(scope="module", params=["int8", "int4", "w4a8"])
+def _load_mixed(tiny_root: str, dtype: str):
+    """The tiny model with the mix of layers a GGUF file of several tensor types loads as in
+    "gguf" mode (int8, w8a8, int4, w4a8 and float layers side by side), through the loader's own
+    steps: quantized before the float layers get their device layout."""
+    from tokenmill.weights import model_loader
+
+    kinds = ("int8", "w4a8", "none", "int4", "w8a8")
+
+    def quantize(model, device, quantization, int4_sources=None, layer_modes=None):
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        modes = {n: kinds[i % len(kinds)] for i, n in enumerate(names)}
+        return quantize_model(model.eval(), "gguf", device=device, layer_modes=modes)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(model_loader, "_quantize", quantize)
+        loaded = load_model(
+            tiny.save_tiny_dir("llama", tiny_root), dtype=dtype, device="cpu", quantization="int8"
+        )
+    report = loaded.quantization
+    assert (
+        report.mode == "gguf"
+        and set(report.modes.values()) == {"int8", "w8a8", "w4a8", "int4"}
+        and report.kept
+    )
+    return loaded
+
+
+@pytest.fixture(scope="module", params=["int8", "w8a8", "int4", "w4a8", "gguf"])
 def loaded(request, tiny_root):
     return _load(tiny_root, request.param, "float32")
 
@@ -58,7 +88,7 @@ def _greedy_logprobs(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=5)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4", "w4a8"])
+@pytest.mark.parametrize("mode", ["int8", "w8a8", "int4", "w4a8", "gguf"])
 def test_bf16_kernels_in_the_engine_stay_within_rounding_of_the_dense_path(tiny_root, mode):
     loaded = _load(tiny_root, mode, "bfloat16")
     assert loaded.quantization.fallback == {}  # the bf16 kernels run every layer

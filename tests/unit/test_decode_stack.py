@@ -164,6 +164,8 @@ def _both(model, x, positions, ctx, monkeypatch):
         ("w4a8", [3, 40, 1, 8, 19, 2, 11, 6, 5, 4]),
         ("int8", [5]),
         ("int8", [3, 40, 1, 8, 19, 2, 11, 6, 5, 4, 9, 17, 12, 30, 7, 2, 1]),  # 17 rows: widened blocks
+        ("w8a8", [5]),
+        ("w8a8", [3, 40, 1, 8, 19, 2, 11, 6, 5, 4, 9, 17, 12, 30, 7, 2, 1]),
     ],
 )
 def test_stack_equals_layer_by_layer(arch, quant, lens, monkeypatch):
@@ -180,6 +182,7 @@ def test_stack_equals_layer_by_layer(arch, quant, lens, monkeypatch):
         ("w4a8", [9, 30, 17, 5, 40, 2]),
         ("int8", [9, 30, 17, 5, 40, 2]),
         ("int8", [(7 * i) % 41 + 1 for i in range(64)]),
+        ("w8a8", [(7 * i) % 41 + 1 for i in range(64)]),
     ],
 )
 def test_stack_equals_layer_by_layer_at_smollm2_widths(quant, lens, monkeypatch):
@@ -198,6 +201,34 @@ def test_stack_equals_layer_by_layer_at_smollm2_widths(quant, lens, monkeypatch)
 )
 def test_gemma3_and_qwen3_stacks_equal_layer_by_layer_at_real_widths(arch, quant, lens, monkeypatch):
     _assert_stack_equals_layers(_model(arch, quant, wide=arch), lens, monkeypatch)
+
+
+def _mixed(arch: str, wide: str | None = None):
+    """A tiny model whose linear layers are of every kind at once, as a GGUF file with
+    mixed tensor types loads in "gguf" mode: int8, w8a8, w4a8, int4 and bf16
+    left packed for oneDNN."""
+    hf = tiny.hf_model(arch, seed=5) if wide is None else _wide_hf(wide)
+    model = tiny.native_from_hf(hf, torch.bfloat16)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    kinds = ("int8", "w4a8", "none", "int4", "w8a8")
+    modes = {n: kinds[i % len(kinds)] for i, n in enumerate(names)}
+    report = quantize_model(model, "gguf", 32, dtype=torch.bfloat16, layer_modes=modes)
+    assert set(report.modes.values()) == {"int8", "w8a8", "w4a8", "int4"} and report.kept
+    assert pack_linears_for_onednn(model)
+    return model
+
+
+@pytest.mark.parametrize(
+    "arch,wide,lens",
+    [
+        ("llama", None, [5]),
+        ("llama", None, [3, 40, 1, 8, 19, 2, 11, 6, 5, 4, 9, 17, 12, 30, 7, 2, 1]),
+        ("gemma3", None, [9, 30, 17, 5]),
+        ("llama", "smollm2", [9, 30, 17, 5, 40, 2]),
+    ],
+)
+def test_stack_of_mixed_layer_kinds_equals_layer_by_layer(arch, wide, lens, monkeypatch):
+    _assert_stack_equals_layers(_mixed(arch, wide), lens, monkeypatch)
 
 
 def test_gemma3_stack_refuses_a_step_without_the_local_rope():
@@ -305,7 +336,7 @@ def test_rmsnorm_matches_pytorch_bit_for_bit(hidden):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-@pytest.mark.parametrize("quant", [None, "int8", "int4", "w4a8"])
+@pytest.mark.parametrize("quant", [None, "int8", "int4", "w4a8", "w8a8"])
 def test_engine_greedy_outputs_unchanged_by_the_stack(tiny_root, arch, quant, monkeypatch):
     """Whole requests through the engine, batched: tokens and logprobs equal with and without the stack."""
     llm = LLM(tiny.save_tiny_dir(arch, tiny_root), dtype="bfloat16", quantization=quant)

@@ -308,11 +308,13 @@ def test_quantize_model_none_changes_nothing():
 def test_unknown_mode_and_group_size_name_the_valid_ones():
     model = tiny.native_from_hf(tiny.hf_model("llama"))
     with pytest.raises(
-        ValueError, match=r"quantization must be one of 'int8', 'int4', 'w4a8' or None \('none'\), got 'int3'"
+        ValueError,
+        match=r"quantization must be one of 'int8', 'int4', 'w4a8', 'w8a8', 'gguf' or None \('none'\), got 'int3'",
     ):
         quantize_model(model, "int3")
     with pytest.raises(
-        ValueError, match=r"quantization must be one of 'int8', 'int4', 'w4a8' or None \('none'\), got 8"
+        ValueError,
+        match=r"quantization must be one of 'int8', 'int4', 'w4a8', 'w8a8', 'gguf' or None \('none'\), got 8",
     ):
         check_quantization(8)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"int4 group_size must be one of 32, 64, 128, got 48"):

@@ -631,3 +631,166 @@ def test_other_gguf_types_are_quantized_again(q4_gguf, llama_gguf):
     )
     int8 = load_model(q4_gguf, dtype="float32", device="cpu", quantization="int8").quantization
     assert int8.from_source == [] and len(int8.layers) == 9
+
+
+# -- quantization "gguf": each matrix at the precision its file stores it in ----------------------------
+def _mixed_types(name: str):
+    """Every kind of choice at once: 4-bit types (int4 from their blocks), 5- and 8-bit types
+    (int8), a float matrix fused with a 4-bit one (stays float), and a fused qkv whose v is
+    more precise than q and k (int8)."""
+    if name.startswith("token_embd"):
+        return Q.Q8_0
+    if "attn_q" in name or "attn_k" in name:
+        return Q.Q4_0
+    if "attn_v" in name:
+        return Q.Q5_0
+    if "attn_output" in name:
+        return Q.Q4_1
+    if "ffn_gate" in name:
+        return None  # F32
+    if "ffn_up" in name:
+        return Q.Q4_1
+    if "ffn_down" in name:
+        return Q.Q8_0 if name.startswith("blk.0.") else Q.Q5_1
+    return Q.Q4_0  # output.weight
+
+
+@pytest.fixture(scope="module")
+def mixed_gguf(hf_models, vocab, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("mixed") / "llama-mixed.gguf"
+    return export_gguf(hf_models["llama"], "llama", path, vocab, edit=_quantize_matrices(_mixed_types))
+
+
+def _expected_modes(layers: int, four: str, eight: str) -> dict[str, str]:
+    per_layer = {"self_attn.qkv_proj": eight, "self_attn.o_proj": four, "mlp.down_proj": eight}
+    modes = {f"model.layers.{i}.{k}": v for i in range(layers) for k, v in per_layer.items()}
+    return {**modes, "lm_head": four}
+
+
+def test_gguf_mode_keeps_each_matrix_at_its_files_precision(mixed_gguf, hf_models):
+    from tokenmill.layers.linear import SplitLinear
+    from tokenmill.layers.quantized import Int4Linear, Int8Linear
+    from tokenmill.models.llama import _unpermute_qk
+
+    loaded = load_model(mixed_gguf, dtype="float32", device="cpu", quantization="gguf")
+    report, cfg, f = loaded.quantization, loaded.config, GGUFFile(mixed_gguf)
+    n = cfg.num_layers
+    assert report.mode == "gguf" and report.group_size == 32
+    # float32 activations: no w4a8 or w8a8 kernel, so weight-only int4 and int8
+    assert report.modes == _expected_modes(n, "int4", "int8")
+    assert report.kept == [f"model.layers.{i}.mlp.gate_up_proj" for i in range(n)]
+    assert sorted(report.from_source) == sorted(
+        [f"model.layers.{i}.self_attn.o_proj" for i in range(n)] + ["lm_head"]
+    )
+    for i in range(n):
+        layer = loaded.model.model.layers[i]
+        # kept as a float layer (split over the cores, as a float32 model's are)
+        assert isinstance(layer.mlp.gate_up_proj, SplitLinear | torch.nn.Linear)
+        # The 4-bit blocks exactly; the int8 layers within half a step of what the file holds.
+        o = layer.self_attn.o_proj
+        assert isinstance(o, Int4Linear)
+        torch.testing.assert_close(
+            o.dequantized_weight(), f.tensor(f"blk.{i}.attn_output.weight"), atol=1e-6, rtol=0
+        )
+        qkv_ref = torch.cat(
+            [
+                _unpermute_qk(f.tensor(f"blk.{i}.attn_q.weight"), cfg.num_heads),
+                _unpermute_qk(f.tensor(f"blk.{i}.attn_k.weight"), cfg.num_kv_heads),
+                f.tensor(f"blk.{i}.attn_v.weight"),
+            ]
+        )
+        for module, ref in (
+            (layer.self_attn.qkv_proj, qkv_ref),
+            (layer.mlp.down_proj, f.tensor(f"blk.{i}.ffn_down.weight")),
+        ):
+            assert isinstance(module, Int8Linear)
+            half_step = module.scales.float().unsqueeze(1) / 2
+            assert ((module.dequantized_weight() - ref).abs() <= half_step * (1 + 1e-5)).all()
+    # Only the int8 layers round again: the logits stay next to the float model's.
+    ref = _logits(load_model(mixed_gguf, dtype="float32", device="cpu").model, IDS)
+    got = _logits(loaded.model, IDS)
+    assert (got - ref).abs().max() < 0.02 * ref.abs().max()
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_gguf_mode_in_bf16_runs_w4a8_and_w8a8_where_it_can_and_generates(mixed_gguf, monkeypatch):
+    from tokenmill import LLM, SamplingParams
+    from tokenmill.layers.decode_stack import DecodeStack
+    from tokenmill.layers.linear import OneDNNPackedLinear
+    from tokenmill.layers.quantized import a8_runs
+
+    llm = LLM(mixed_gguf, dtype="bfloat16", quantization="gguf")
+    model = llm.engine.runner.model
+    report = llm.loaded.quantization
+    four = "w4a8" if a8_runs("w4a8", torch.bfloat16, "cpu") else "int4"
+    eight = "w8a8" if a8_runs("w8a8", torch.bfloat16, "cpu") else "int8"
+    assert report.modes == _expected_modes(llm.loaded.config.num_layers, four, eight)
+    if torch.backends.mkldnn.is_available():  # the kept float layers are packed like a bf16 model's
+        assert all(isinstance(model.get_submodule(n), OneDNNPackedLinear) for n in report.kept)
+    # Batched greedy requests: the same tokens and logprobs with the C decode stack and without.
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
+    prompts = ["The capital of France", "Hello", "def f(x):"]
+    ran = []
+    real_run = DecodeStack.run
+    monkeypatch.setattr(DecodeStack, "run", lambda self, *a: ran.append(real_run(self, *a)) or ran[-1])
+    with_stack = llm.generate(prompts, params)
+    stack_ran = bool(ran) and all(out is not None for out in ran)
+    model._decode_stack = False
+    without = llm.generate(prompts, params)
+    for a, b in zip(with_stack, without):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].logprobs == b.outputs[0].logprobs
+    from tokenmill.layers import cpu_kernels
+
+    if cpu_kernels.int4_available() and cpu_kernels.bf16_gemv_available():
+        assert stack_ran, "the stack should take the decode steps of mixed layers"
+
+
+def test_gguf_mode_gives_a_tied_head_the_embeddings_precision(hf_models, vocab, tmp_path):
+    """Tiny Gemma 3, its head tied to a Q8_0 embedding: int8 head, every Q4_0 matrix int4."""
+    path = export_gguf(
+        hf_models["gemma3"],
+        "gemma3",
+        tmp_path / "gemma3-q4.gguf",
+        vocab,
+        edit=_quantize_matrices(lambda n: Q.Q8_0 if n.startswith("token_embd") else Q.Q4_0),
+    )
+    report = load_model(path, dtype="float32", device="cpu", quantization="gguf").quantization
+    assert report.modes["lm_head"] == "int8"
+    assert {m for n, m in report.modes.items() if n != "lm_head"} == {"int4"}
+    assert set(report.from_source) == set(report.modes) - {"lm_head"}
+    assert report.kept == []
+
+
+def test_gguf_mode_of_a_float_file_changes_nothing(llama_gguf):
+    plain = load_model(llama_gguf, dtype="float32", device="cpu")
+    loaded = load_model(llama_gguf, dtype="float32", device="cpu", quantization="gguf")
+    assert loaded.quantization.layers == [] and len(loaded.quantization.kept) == 9
+    torch.testing.assert_close(_logits(loaded.model, IDS), _logits(plain.model, IDS), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "qtype,fmt",
+    [("F32", "float"), ("F16", "float"), ("BF16", "float"), ("Q4_0", "int4"), ("Q4_1", "int4"),
+     ("Q4_K", "int4"), ("Q2_K", "int4"), ("Q3_K", "int4"), ("IQ4_XS", "int4"), ("TQ2_0", "int4"),
+     ("Q5_0", "int8"), ("Q5_1", "int8"), ("Q5_K", "int8"), ("Q6_K", "int8"), ("Q8_0", "int8")],
+)  # fmt: skip
+def test_weight_format_of_each_type(qtype, fmt):
+    from tokenmill.weights.gguf_file import weight_format
+
+    assert weight_format(qtype) == fmt
+
+
+def test_gguf_mode_needs_a_gguf_file(tmp_path):
+    from tokenmill.layers.quantized import quantize_model
+
+    model_dir = tiny.save_tiny_dir("llama", tmp_path)
+    with pytest.raises(
+        ModelLoadError, match="holds safetensors weights, and quantization 'gguf' keeps the precision"
+    ):
+        load_model(model_dir, dtype="float32", device="cpu", quantization="gguf")
+    model = tiny.native_from_hf(tiny.hf_model("llama"), torch.float32)
+    with pytest.raises(ValueError, match=r"no file says it for lm_head, .*load the model from a \.gguf file"):
+        quantize_model(model, "gguf")
+    with pytest.raises(ValueError, match="layer_modes must be among int8, int4, w4a8, w8a8, none, got int2"):
+        quantize_model(model, "int8", layer_modes={"lm_head": "int2"})

@@ -42,10 +42,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantization",
         default="none",
-        choices=["none", "int8", "int4", "w4a8"],
+        choices=["none", "int8", "int4", "w4a8", "w8a8", "gguf"],
         help="keep the linear layers' weights in int8 (per channel) or int4 (groups of 32), "
-        "activations in --dtype; w4a8: int4 weights with activations rounded to int8 per group "
-        "(fastest on CPUs with AVX512-VNNI and AVX512-BF16) (default: none)",
+        "activations in --dtype; w4a8, w8a8: int4 or int8 weights with activations rounded to "
+        "int8 per group (fastest on CPUs with AVX512-VNNI and AVX512-BF16); gguf (GGUF files "
+        "only): each matrix at the precision its file stores it in, 4-bit types as w4a8, 5- to "
+        "8-bit types as w8a8 (int4, int8 without those kernels), floats as they are (default: none)",
     )
 
 

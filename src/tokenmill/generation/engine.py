@@ -55,7 +55,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None
     enable_prefix_caching: bool = True
     max_waiting: int | None = None
-    #: quantization of the linear layers: "int8", "int4", "w4a8" or None
+    #: quantization of the linear layers: "int8", "int4", "w4a8", "w8a8", "gguf" or None
     quantization: str | None = None
     #: run CUDA decode steps eagerly instead of replaying captured CUDA graphs
     enforce_eager: bool = False

@@ -35,8 +35,9 @@ class LLM:
         kv_cache_memory: bytes for the paged KV cache (default: from free memory).
         enable_prefix_caching: reuse the KV blocks of prompts that share a prefix.
         quantization: "int8" or "int4" to keep every linear layer's weight quantized
-            (weight-only; activations stay in ``dtype``), "w4a8" for int4 weights with the
-            activations rounded to int8 per group as each layer runs, or None. See
+            (weight-only; activations stay in ``dtype``), "w4a8" or "w8a8" for int4 or int8
+            weights with the activations rounded to int8 per group as each layer runs, "gguf" (GGUF files
+            only) to keep each matrix at the precision its file stores it in, or None. See
             docs/quantization.md.
         enforce_eager: on CUDA, run decode steps eagerly instead of replaying the CUDA
             graphs captured at start-up (one per decode batch size up to

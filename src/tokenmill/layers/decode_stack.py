@@ -90,12 +90,12 @@ def _linear(module: nn.Module, keep: list[torch.Tensor]) -> _Linear | None:
             return None
         w, sz, group, act8 = module.qweight, module.scales_and_zeros, module.group_size, module.act8
     elif isinstance(module, Int8Linear):
-        # the layer path runs int8_mm on these, and only these
+        # the layer path runs int8_mm (int8a8_mm with act8) on these, and only these
         if not (
             module.own_kernel and module.scales.dtype == torch.bfloat16 and module.scales.is_contiguous()
         ):
             return None
-        w, sz, group, act8 = module.qweight, module.scales, -1, False
+        w, sz, group, act8 = module.qweight, module.scales, -1, module.act8
     elif type(module) is OneDNNPackedLinear:
         # Only the packed layer: it is the one whose few-row path is bf16_gemv, as here (a
         # plain nn.Linear runs F.linear, which sums in another order).

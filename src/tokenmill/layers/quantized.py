@@ -1,6 +1,7 @@
-"""Weight-only int8 and int4 linear layers whose weights stay quantized in memory.
+"""Int8 and int4 linear layers whose weights stay quantized in memory.
 
-Activations stay in the model's dtype; only the weights shrink. Each layer runs one of
+In int8 and int4 the activations stay in the model's dtype (w4a8 and w8a8 round them to
+int8 too, below); only the weights shrink. Each layer runs one of
 PyTorch's packed kernels where this build has one for the device, dtype and shape, and
 otherwise dequantizes its weight and calls an ordinary matmul, which is never silently
 wrong, only slower:
@@ -29,6 +30,11 @@ wrong, only slower:
   in perplexity. Without the kernel (another device or dtype, no VNNI) the layer computes
   the same thing in float32 (``Int4Linear.reference_a8``).
 
+- w8a8: int8 weights, the activations rounded the same way in groups of 32
+  (``cpu_kernels.W8A8_GROUP``), 8-bit integer dot products in the CPU kernel
+  (``cpu_kernels.int8a8_mm``, kernels/int4a8_gemm.c); without it the layer computes the
+  same thing in float32 (``Int8Linear.reference_a8``).
+
 Int8 is symmetric per output channel: ``w = q * scale``, q in [-127, 127]. Int4 is
 asymmetric per group of ``group_size`` input features: ``w = (q - 8) * scale + zero``,
 q in [0, 15], which is exactly what the int4 kernels compute from ``scales_and_zeros``
@@ -54,7 +60,9 @@ from tokenmill.layers import cpu_kernels
 
 log = logging.getLogger("tokenmill.quantization")
 
-QUANTIZATION_MODES = ("int8", "int4", "w4a8")
+QUANTIZATION_MODES = ("int8", "int4", "w4a8", "w8a8", "gguf")
+#: what one layer can be made of: a mode above, or "none" to keep it in floating point
+LAYER_MODES = ("int8", "int4", "w4a8", "w8a8", "none")
 INT4_GROUP_SIZES = (32, 64, 128)
 
 # Rows up to which the int8 kernel beats dequantize-then-matmul on CPU (torch 2.13): the
@@ -74,12 +82,14 @@ Int4Source = Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def check_quantization(mode: str | None) -> str | None:
-    """The canonical mode name ("int8", "int4", "w4a8") or None for no quantization."""
+    """The canonical mode name ("int8", "int4", "w4a8", "w8a8", "gguf") or None for no quantization."""
     if mode is None or (isinstance(mode, str) and mode.lower() == "none"):
         return None
     if isinstance(mode, str) and mode.lower() in QUANTIZATION_MODES:
         return mode.lower()
-    raise ValueError(f"quantization must be one of 'int8', 'int4', 'w4a8' or None ('none'), got {mode!r}")
+    raise ValueError(
+        f"quantization must be one of 'int8', 'int4', 'w4a8', 'w8a8', 'gguf' or None ('none'), got {mode!r}"
+    )
 
 
 def check_group_size(group_size: int) -> int:
@@ -109,19 +119,38 @@ class Int8Linear(nn.Module):
     (``cpu_kernels.int8_mm``, AVX512-BF16) the codes are kept in that kernel's layout
     (``own_kernel``); otherwise as the (N, K) matrix PyTorch's kernel takes. ``codes()``
     gives the (N, K) matrix either way.
+
+    With ``act8`` (the "w8a8" layers) the activations are rounded to int8 per row and
+    group of ``cpu_kernels.W8A8_GROUP`` inputs as the layer runs, as in w4a8, and the
+    products are 8-bit integer dot products (``cpu_kernels.int8a8_mm``, AVX512-VNNI and
+    -BF16, codes as q + 128 in its own layout); without that kernel the layer computes
+    the same thing in float32 (``reference_a8``).
     """
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        act8: bool = False,
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = qweight.shape
-        self.own_kernel = (
-            qweight.device.type == "cpu" and scales.dtype == torch.bfloat16 and cpu_kernels.int8_available()
-        )
-        self.register_buffer("qweight", cpu_kernels.int8_pack(qweight) if self.own_kernel else qweight)
+        self.act8 = act8
+        on_cpu_bf16 = qweight.device.type == "cpu" and scales.dtype == torch.bfloat16
+        if act8:
+            self.own_kernel = on_cpu_bf16 and cpu_kernels.int8a8_available()
+            packed = cpu_kernels.int8a8_pack(qweight) if self.own_kernel else qweight
+        else:
+            self.own_kernel = on_cpu_bf16 and cpu_kernels.int8_available()
+            packed = cpu_kernels.int8_pack(qweight) if self.own_kernel else qweight
+        self.register_buffer("qweight", packed)
         self.register_buffer("scales", scales)
         self.register_buffer("bias", bias)
         if self.own_kernel:
-            self.kernel: str | None = "tokenmill.int8_mm"
+            self.kernel: str | None = "tokenmill.int8a8_mm" if act8 else "tokenmill.int8_mm"
+        elif act8:
+            self.kernel = None
         else:
             self.kernel = (
                 "_weight_int8pack_mm" if _has_kernel("_weight_int8pack_mm", qweight.device.type) else None
@@ -135,6 +164,7 @@ class Int8Linear(nn.Module):
         *,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        act8: bool = False,
     ) -> Int8Linear:
         """Quantize ``weight`` (N, K) on ``device`` (default: where it is); scales in ``dtype``."""
         dtype = dtype or weight.dtype
@@ -143,12 +173,13 @@ class Int8Linear(nn.Module):
         q = torch.round(w / scales.float().unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
         del w
         b = None if bias is None else bias.detach().to(device=q.device, dtype=dtype)
-        return cls(q, scales, b)
+        return cls(q, scales, b, act8=act8)
 
     def codes(self) -> torch.Tensor:
         """The (N, K) int8 codes."""
         if self.own_kernel:
-            return cpu_kernels.int8_unpack(self.qweight, self.out_features, self.in_features)
+            unpack = cpu_kernels.int8a8_unpack if self.act8 else cpu_kernels.int8_unpack
+            return unpack(self.qweight, self.out_features, self.in_features)
         return self.qweight
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -162,6 +193,8 @@ class Int8Linear(nn.Module):
             if not self.qweight.is_cpu:  # moved after it was built: codes() unpacks on each call
                 return f"packed for the CPU int8 kernel, running on {self.qweight.device.type}"
             return None
+        if self.act8:
+            return _a8_fallback(self.scales.dtype, self.qweight.device, "w8a8")
         if self.kernel is None:
             return f"this PyTorch build has no int8 kernel for {self.qweight.device.type}"
         if self.scales.dtype == torch.bfloat16 and self.in_features % 16 and self.qweight.is_cpu:
@@ -180,7 +213,15 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor, use_kernel: bool = True) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = _rows(x, self.in_features)  # (M, K)
-        if not use_kernel:
+        if self.act8:
+            kernel = use_kernel and self.own_kernel and x2.dtype == torch.bfloat16 and x2.is_cpu
+            if kernel and self.qweight.is_cpu:
+                out = cpu_kernels.int8a8_mm(
+                    x2.contiguous(), self.qweight, self.scales, self.bias, self.out_features, self.in_features
+                )
+            else:
+                out = self.reference_a8(x2)
+        elif not use_kernel:
             out = F.linear(x2, self.dequantized_weight().to(x.dtype), self.bias)
         elif self.own_kernel and x2.dtype == torch.bfloat16 and x2.is_cpu and self.qweight.is_cpu:
             out = cpu_kernels.int8_mm(
@@ -199,10 +240,19 @@ class Int8Linear(nn.Module):
                 out = out + self.bias
         return out.view(*lead, self.out_features)
 
+    def reference_a8(self, x2: torch.Tensor) -> torch.Tensor:
+        """What the w8a8 kernel computes, in float32: the codes times the activations
+        rounded per group of W8A8_GROUP, scaled per output, plus the bias; in x2's dtype."""
+        xq, a = quantize_activations(x2, cpu_kernels.W8A8_GROUP)
+        out = F.linear(xq * a, self.codes().float()) * self.scales.float()
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x2.dtype)
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, kernel={self.kernel}"
+            f"bias={self.bias is not None}, act8={self.act8}, kernel={self.kernel}"
         )
 
 
@@ -236,15 +286,29 @@ def _int4_layout(
     return "plain", f"no int4 kernel for device {device.type}"
 
 
+def a8_runs(mode: str, dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether layers of ``mode`` ("w4a8" or "w8a8") with ``dtype`` activations run their
+    kernel on ``device``."""
+    return _a8_fallback(dtype, torch.device(device), mode) is None
+
+
+def _a8_fallback(dtype: torch.dtype, device: torch.device, mode: str) -> str | None:
+    """Why the w4a8 or w8a8 kernel cannot run layers with ``dtype`` activations on
+    ``device`` (they compute the float32 reference instead), or None."""
+    if device.type != "cpu":
+        return f"the {mode} kernel runs on CPU, not {device.type}"
+    if dtype != torch.bfloat16:
+        return f"{dtype} activations (the {mode} kernel takes bfloat16)"
+    available = cpu_kernels.int4a8_available if mode == "w4a8" else cpu_kernels.int8a8_available
+    if not available():
+        return f"no {mode} kernel on this machine (it needs a C compiler, AVX512-VNNI and AVX512-BF16)"
+    return None
+
+
 def _int4a8_layout(dtype: torch.dtype, device: torch.device) -> tuple[str, str | None]:
     """Where the w4a8 kernel runs ("cpu"), else ("plain", why)."""
-    if device.type != "cpu":
-        return "plain", f"the w4a8 kernel runs on CPU, not {device.type}"
-    if dtype != torch.bfloat16:
-        return "plain", f"{dtype} activations (the w4a8 kernel takes bfloat16)"
-    if not cpu_kernels.int4a8_available():
-        return "plain", "no w4a8 kernel on this machine (it needs a C compiler, AVX512-VNNI and AVX512-BF16)"
-    return "cpu", None
+    why = _a8_fallback(dtype, device, "w4a8")
+    return ("plain", why) if why else ("cpu", None)
 
 
 def quantize_activations(x2: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -492,6 +556,10 @@ class QuantizationReport:
     group_size: int | None = None
     #: every replaced layer
     layers: list[str] = field(default_factory=list)
+    #: each replaced layer's own mode ("int8", "int4", "w4a8" or "w8a8"; they differ only in "gguf" mode)
+    modes: dict[str, str] = field(default_factory=dict)
+    #: linear layers left in floating point ("gguf" mode: the file stores them as floats)
+    kept: list[str] = field(default_factory=list)
     #: int4 layers built straight from prequantized codes (GGUF Q4_0 / Q4_1 / Q4_K blocks)
     from_source: list[str] = field(default_factory=list)
     #: layers that run the dequantize-then-matmul path, with the reason
@@ -534,6 +602,7 @@ def quantize_model(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     sources: Mapping[str, Int4Source] | None = None,
+    layer_modes: Mapping[str, str] | None = None,
 ) -> QuantizationReport | None:
     """Replace every linear layer of ``model`` (the LM head too) by its quantized version, in place.
 
@@ -545,11 +614,15 @@ def quantize_model(
 
     Args:
         mode: "int8", "int4", "w4a8" (int4 weights, activations rounded to int8 per row
-            and group, see kernels/int4a8_gemm.c), or None / "none" to change nothing.
+            and group, see kernels/int4a8_gemm.c), "w8a8" (int8 weights, the activations
+            rounded the same way in groups of 32), "gguf" (each layer as ``layer_modes``
+            says), or None / "none" to change nothing.
         group_size: input features per int4 scale and zero point: 32, 64 or 128.
         dtype: activation dtype for the scales (default: each weight's own dtype).
         sources: int4 only: module name -> prequantized codes to use instead of quantizing
             the weight (GGUF Q4_0 / Q4_1 / Q4_K blocks). Each is checked against the loaded weight.
+        layer_modes: module name -> "int8", "int4", "w4a8", "w8a8" or "none" (left as it is), for
+            the layers that differ from ``mode``; required, and complete, for "gguf".
 
     Returns:
         A QuantizationReport, or None when ``mode`` is None.
@@ -557,15 +630,30 @@ def quantize_model(
     mode = check_quantization(mode)
     if mode is None:
         return None
-    if mode in ("int4", "w4a8"):
+    # Names only: holding the modules themselves would keep every old weight alive.
+    names = [name for name, m in model.named_modules() if _linear_weight(m) is not None]
+    modes = {name: (layer_modes or {}).get(name, mode) for name in names}
+    if mode == "gguf" and (layer_modes is None or set(names) - set(layer_modes)):
+        missing = ", ".join(sorted(set(names) - set(layer_modes or {}))[:5])
+        raise ValueError(
+            "quantization 'gguf' keeps each layer at the precision its GGUF file stores it in, "
+            f"and no file says it for {missing}: load the model from a .gguf file, "
+            "or pick int8, int4, w4a8 or w8a8"
+        )
+    bad = sorted({m for m in modes.values() if m not in LAYER_MODES})
+    if bad:
+        raise ValueError(f"layer_modes must be among {', '.join(LAYER_MODES)}, got {', '.join(bad)}")
+    four_bit = any(m in ("int4", "w4a8") for m in modes.values())
+    if four_bit:
         check_group_size(group_size)
-    report = QuantizationReport(mode, group_size if mode in ("int4", "w4a8") else None)
+    report = QuantizationReport(mode, group_size if four_bit else None)
     # A C decode stack built before holds the old weights: drop it, so that each is freed as
     # its layer is replaced (a new stack is built for the quantized layers when next needed).
     model.__dict__.pop("_decode_stack", None)
-    # Names only: holding the modules themselves would keep every old weight alive.
-    names = [name for name, m in model.named_modules() if _linear_weight(m) is not None]
     for name in names:
+        if modes[name] == "none":
+            report.kept.append(name)
+            continue
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         child = getattr(parent, child_name)
@@ -575,16 +663,21 @@ def quantize_model(
         dt = dtype or weight.dtype
         bias = child.bias
         with torch.no_grad():
-            if mode == "int8":
-                q: Int8Linear | Int4Linear = Int8Linear.from_float(weight, bias, dtype=dt, device=dev)
+            if modes[name] in ("int8", "w8a8"):
+                act8 = modes[name] == "w8a8"
+                q: Int8Linear | Int4Linear = Int8Linear.from_float(
+                    weight, bias, dtype=dt, device=dev, act8=act8
+                )
             else:
-                q = _int4_layer(name, weight, bias, group_size, dt, dev, sources, report, mode == "w4a8")
+                act8 = modes[name] == "w4a8"
+                q = _int4_layer(name, weight, bias, group_size, dt, dev, sources, report, act8)
         for attr in ("shard_sizes",):
             if hasattr(child, attr):
                 setattr(q, attr, getattr(child, attr))
         setattr(parent, child_name, q)
         del child, weight, bias  # the last references: the full-precision weight is freed here
         report.layers.append(name)
+        report.modes[name] = modes[name]
         if q.fallback:
             report.fallback[name] = q.fallback
     if report.fallback:

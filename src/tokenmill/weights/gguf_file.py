@@ -212,6 +212,19 @@ class GGUFFile:
 
 #: GGML types whose blocks are 4-bit codes with a scale and an offset per 32 weights.
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+#: GGML types that hold real numbers as they are
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+
+
+def weight_format(qtype: str) -> str:
+    """The least precise tokenmill weight format that keeps what a GGML type holds: "float"
+    (F32, F16, BF16), "int4" (4 bits a weight or fewer: Q2_K-Q4_K, the IQ and TQ types)
+    or "int8" (Q5_*, Q6_K, Q8_*: 5 to 8 bits, which 4-bit codes would round again)."""
+    if qtype in FLOAT_TYPES:
+        return "float"
+    if qtype.startswith(("Q2", "Q3", "Q4", "IQ", "TQ")):
+        return "int4"
+    return "int8"
 
 
 def int4_from_blocks(blocks: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

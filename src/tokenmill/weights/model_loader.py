@@ -81,17 +81,19 @@ def _quantize(
     device: torch.device,
     quantization: str | None,
     int4_sources: dict[str, Int4Source] | None = None,
+    layer_modes: dict[str, str] | None = None,
 ) -> QuantizationReport | None:
     """Quantize every linear layer on ``device``, before the model moves there: one layer
     at a time, each full-precision weight freed as soon as its layer is replaced."""
-    return quantize_model(model.eval(), quantization, device=device, sources=int4_sources)
+    return quantize_model(
+        model.eval(), quantization, device=device, sources=int4_sources, layer_modes=layer_modes
+    )
 
 
-def _finalize(model: nn.Module, device: torch.device, quantized: bool = False) -> nn.Module:
-    """Move to ``device`` and pick the fastest weight layout there."""
+def _finalize(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move to ``device`` and pick the fastest weight layout there for the ``nn.Linear``
+    layers (quantized layers already have their kernels' layouts)."""
     model = model.to(device).eval()
-    if quantized:  # quantized layers already have their kernels' layouts
-        return model
     dtype = next(model.parameters()).dtype
     if device.type == "cpu" and dtype == torch.float32:
         # PyTorch's fp32 GEMV is single-threaded; split layers run on every core.
@@ -132,6 +134,11 @@ def load_from_dir(
             return load_from_gguf(os.path.join(model_dir, ggufs[0]), dtype, device, quantization)
         hint = f"; it holds several GGUF files, name one: {', '.join(ggufs)}" if ggufs else ""
         raise ModelLoadError(f"no config.json in {model_dir}{hint}")
+    if quantization == "gguf":
+        raise ModelLoadError(
+            f"{model_dir} holds safetensors weights, and quantization 'gguf' keeps the precision "
+            "each tensor has in a GGUF file: load a .gguf file, or pick int8, int4, w4a8 or w8a8"
+        )
     hf = _read_json(cfg_path)
     model_type = hf.get("model_type")
     if model_type is None:
@@ -155,7 +162,7 @@ def load_from_dir(
         ),
     )
     quantized = _quantize(model, device, quantization)
-    model = _finalize(model, device, quantized is not None)
+    model = _finalize(model, device)
     return LoadedModel(model, tokenizer, cfg, gen_defaults, model_dir, report, quantized)
 
 
@@ -209,16 +216,45 @@ def load_from_gguf(
 
     transform = family.gguf_transform(cfg, arch) if family.gguf_transform else None
     report = load_weights(model, renamed(), source=path, transform=transform, describe=describe)
+    shards = _linear_shards(model, hf_to_gguf)
     sources = (
-        _gguf_int4_sources(gguf, model, hf_to_gguf, transform) if quantization in ("int4", "w4a8") else None
+        _gguf_int4_sources(gguf, model, shards, hf_to_gguf, transform)
+        if quantization in ("int4", "w4a8", "gguf")
+        else None
     )
-    quantized = _quantize(model, device, quantization, sources)
-    model = _finalize(model, device, quantized is not None)
+    modes = (
+        _gguf_layer_modes(gguf, model, shards, hf_to_gguf, dtype, device) if quantization == "gguf" else None
+    )
+    quantized = _quantize(model, device, quantization, sources, modes)
+    model = _finalize(model, device)
     return LoadedModel(model, tokenizer, cfg, {}, path, report, quantized)
 
 
+def _linear_shards(model: nn.Module, hf_to_gguf: dict[str, str]) -> dict[str, dict[int | None, str]]:
+    """Module name -> {shard index (None: the whole weight) -> HF tensor name} for every
+    weight the file holds, fused projections (qkv, gate_up) by shard."""
+    packed: dict[str, tuple[str, int]] = getattr(model, "packed_modules", {})
+    shards: dict[str, dict[int | None, str]] = {}
+    for hf_name in hf_to_gguf:
+        target, shard = _resolve_target(model, hf_name, packed)
+        if target.endswith(".weight"):
+            shards.setdefault(target[: -len(".weight")], {})[shard] = hf_name
+    return shards
+
+
+def _shard_order(module: nn.Module, parts: dict[int | None, str]) -> list[int | None] | None:
+    """The shards of ``module`` in order, or None when the file does not hold every one."""
+    sizes = getattr(module, "shard_sizes", None)
+    order: list[int | None] = list(range(len(sizes))) if sizes is not None else [None]
+    return order if set(parts) == set(order) else None
+
+
 def _gguf_int4_sources(
-    gguf: Any, model: nn.Module, hf_to_gguf: dict[str, str], transform: Any
+    gguf: Any,
+    model: nn.Module,
+    shards: dict[str, dict[int | None, str]],
+    hf_to_gguf: dict[str, str],
+    transform: Any,
 ) -> dict[str, Int4Source]:
     """Linear layers whose every shard is stored as Q4_0, Q4_1 or Q4_K: their blocks become
     int4 layers as they are (group size 32), with no second rounding.
@@ -226,23 +262,15 @@ def _gguf_int4_sources(
     Every other GGUF type is dequantized by the ``gguf`` package and quantized again:
     Q8_0 to int8 per channel (its per-32 scales do not fit one scale per channel) or to
     int4, the 4-bit types to int8, F16/BF16/F32, Q5/Q6 and the other K-quants to either.
+    GPT-2's (in, out) Conv1D layers, which are not ``nn.Linear``, always quantize again.
     """
     from tokenmill.weights.gguf_file import INT4_TYPES
 
-    packed: dict[str, tuple[str, int]] = getattr(model, "packed_modules", {})
-    shards: dict[str, dict[int | None, str]] = {}
-    for hf_name in hf_to_gguf:
-        target, shard = _resolve_target(model, hf_name, packed)
-        if target.endswith(".weight"):
-            shards.setdefault(target[: -len(".weight")], {})[shard] = hf_name
     sources: dict[str, Int4Source] = {}
     for module_name, parts in shards.items():
         module = model.get_submodule(module_name)
-        if not isinstance(module, nn.Linear):
-            continue  # embeddings and norms stay as they are; GPT-2's (in, out) Conv1D re-quantizes
-        sizes = getattr(module, "shard_sizes", None)
-        order: list[int | None] = list(range(len(sizes))) if sizes is not None else [None]
-        if set(parts) != set(order):
+        order = _shard_order(module, parts)
+        if order is None or not isinstance(module, nn.Linear):
             continue
         if not all(gguf.qtype_name(hf_to_gguf[parts[i]]) in INT4_TYPES for i in order):
             continue
@@ -260,6 +288,48 @@ def _gguf_int4_sources(
 
         sources[module_name] = source
     return sources
+
+
+def _gguf_layer_modes(
+    gguf: Any,
+    model: nn.Module,
+    shards: dict[str, dict[int | None, str]],
+    hf_to_gguf: dict[str, str],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> dict[str, str]:
+    """Each linear layer at the precision its file stores it in (quantization "gguf").
+
+    4-bit and smaller types become int4 layers; Q5_*, Q6_K and Q8_0 become int8, whose
+    one scale per channel keeps them within a rounding of what the file holds, where 4-bit
+    codes would lose most of what the extra bits keep; both run with int8 activations
+    (w4a8, w8a8) where those kernels run on ``device``, as llama.cpp, too, rounds the
+    activations to 8 bits for these types. Float matrices stay as they are. A fused layer
+    takes its most precise shard's format, and an LM head tied to the embedding the
+    embedding's.
+    """
+    from tokenmill.layers.quantized import _linear_weight, a8_runs
+    from tokenmill.weights.gguf_file import weight_format
+
+    as_mode = {
+        "int4": "w4a8" if a8_runs("w4a8", dtype, device) else "int4",
+        "int8": "w8a8" if a8_runs("w8a8", dtype, device) else "int8",
+        "float": "none",
+    }
+    precision = ("int4", "int8", "float")
+    # Tied weights are one tensor: the head finds the embedding's file name through it.
+    named = dict(model.named_modules())
+    by_weight = {id(named[n].weight): n for n in shards if hasattr(named.get(n), "weight")}
+    modes: dict[str, str] = {}
+    for name, module in named.items():
+        if _linear_weight(module) is None:
+            continue
+        parts = shards.get(name) or shards.get(by_weight.get(id(module.weight), ""), {})
+        if not parts:
+            raise ModelLoadError(f"{gguf.path}: no tensor of the file holds the weight of {name!r}")
+        formats = [weight_format(gguf.qtype_name(hf_to_gguf[n])) for n in parts.values()]
+        modes[name] = as_mode[max(formats, key=precision.index)]
+    return modes
 
 
 def _merge_eos(cfg: DecoderConfig, tokenizer: Tokenizer, gen: dict[str, Any]) -> None:
@@ -286,8 +356,9 @@ def load_model(
         model: None for the embedded default model.
         dtype: "float32", "bfloat16" (default) or "float16": the activations' dtype.
         device: "cpu", "cuda" or None for the best available.
-        quantization: "int8", "int4" (group size 32) or None: weight-only quantization of
-            every linear layer, done on ``device`` (see tokenmill.layers.quantized).
+        quantization: "int8", "int4" (group size 32), "w4a8", "w8a8" or None: quantization of
+            every linear layer, done on ``device`` (see tokenmill.layers.quantized); "gguf"
+            for a GGUF file: each layer at the precision the file stores it in.
     """
     quantization = check_quantization(quantization)
     dev = resolve_device(device)

@@ -24,8 +24,8 @@
  * accumulators of `lanes` floats, then the lanes one after another), which is what the
  * reference path computes; the Python side checks the two agree on this machine before
  * it uses this path. Linear layers are bf16 (N, K) weights through bf16_gemv, int8 codes
- * through int8_gemm_bf16, or int4 codes through int4_gemm_bf16 (int4a8_gemm_bf16 in the
- * w4a8 mode).
+ * through int8_gemm_bf16 (int8a8_gemm_bf16 for w8a8 layers), or int4 codes through
+ * int4_gemm_bf16 (int4a8_gemm_bf16 for w4a8 layers), in any mix.
  */
 #include <math.h>
 #include <stdint.h>
@@ -43,6 +43,8 @@ int int4_gemm_bf16(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint
                    int64_t K, int64_t G, int nthreads);
 int int4a8_gemm_bf16(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t *y, int64_t M, int64_t N,
                      int64_t K, int64_t G, int nthreads);
+int int8a8_gemm_bf16(const uint16_t *x, const uint8_t *w, const uint16_t *scales, const uint16_t *bias, uint16_t *y,
+                     int64_t M, int64_t N, int64_t K, int64_t G, int nthreads);
 int int8_gemm_bf16(const uint16_t *x, const int8_t *w, const uint16_t *scales, const uint16_t *bias, uint16_t *y,
                    int64_t M, int64_t N, int64_t K, int nthreads);
 void rope_bf16(uint16_t *x, const uint16_t *cos_t, const uint16_t *sin_t, int64_t rows, int heads, int D,
@@ -56,14 +58,18 @@ int paged_decode_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t
                       int block_size, float scale, int window, int nthreads);
 
 /* One linear layer: a bf16 (N, K) weight (group == 0), int8 codes in int8_gemm_bf16's
- * layout with (N,) bf16 scales in scales_zeros (group == -1), or int4 codes in
+ * layout (int8a8_gemm_bf16's with act8) with (N,) bf16 scales in scales_zeros (group ==
+ * -1), or int4 codes in
  * int4_gemm_bf16's layout with (ceil(K / group), N, 2) bf16 scales and zeros. */
+/* inputs per activation scale of w8a8 layers (cpu_kernels.W8A8_GROUP) */
+#define W8A8_GROUP 32
+
 typedef struct {
     const void *weight;
     const uint16_t *scales_zeros;
     const uint16_t *bias; /* (N,) bf16 or NULL */
     int64_t N, K, group;
-    int64_t act8; /* int4 weights: round the activations to int8 (int4a8_gemm_bf16) */
+    int64_t act8; /* round the activations to int8 (int4a8_gemm_bf16, int8a8_gemm_bf16 in groups of 32) */
 } ds_linear;
 
 typedef struct {
@@ -186,6 +192,9 @@ int decode_stack_norm(uint16_t *x, const uint16_t *add, const uint16_t *w, uint1
 
 static int ds_linear_run(const ds_linear *l, const uint16_t *x, uint16_t *y, int64_t M, int nthreads) {
     if (l->group == 0) return bf16_gemv(x, (const uint16_t *)l->weight, l->bias, y, M, l->N, l->K, nthreads);
+    if (l->group < 0 && l->act8)
+        return int8a8_gemm_bf16(x, (const uint8_t *)l->weight, l->scales_zeros, l->bias, y, M, l->N, l->K, W8A8_GROUP,
+                                nthreads);
     if (l->group < 0) return int8_gemm_bf16(x, (const int8_t *)l->weight, l->scales_zeros, l->bias, y, M, l->N, l->K, nthreads);
     const int rc = (l->act8 ? int4a8_gemm_bf16 : int4_gemm_bf16)(x, (const uint8_t *)l->weight, l->scales_zeros,
                                                                   y, M, l->N, l->K, l->group, nthreads);

@@ -17,6 +17,12 @@
  * in its high one. Masking the 64 bytes with 0x0f gives, in 32-bit lane r, the codes of
  * columns k..k+3 of row r; shifting right by 4 first gives columns k+4..k+7.
  *
+ * int8a8_gemm_bf16 does the same for int8 weights with one scale per output (the "w8a8"
+ * layers), y[m, n] = s[n] * sum_g a[m, g] * sum_{k in g} q[n, k] xq[m, k] + b[n], the codes
+ * stored as u = q + 128 so that VPDPBUSD can take them: [Kp / 8][16 rows][8] bytes per
+ * block, the first 64 bytes of a step holding columns k..k+3 of each row, the next 64
+ * columns k+4..k+7. The - 128 sum xq that the offset adds seeds the integer sums.
+ *
  * Returns 1 without AVX512-VNNI and AVX512-BF16 (the caller keeps its reference path), 2
  * when the scratch could not be allocated.
  */
@@ -224,6 +230,44 @@ static void a8_quantize_chunk(const uint16_t *x, int64_t m0, int64_t mb, int64_t
     }
 }
 
+/* The activations of x (M, K) rounded into chunks, then BLOCK_CALL for every block of 16
+ * outputs, the rows in spans whose codes stay in L2 while every block passes over them.
+ * One team for the activations and the products (no second fork and join, and the
+ * rounding of the activations no longer runs on one thread while the other waits). */
+#define A8_RUN(BLOCK_CALL)                                                                            \
+    do {                                                                                              \
+        const int64_t rowbytes = Kp + groups * (2 * sizeof(float) + sizeof(int32_t));                 \
+        const int64_t per = (M * rowbytes + 63) / 64 * 64, rowsz = (rowbytes + 63) / 64 * 64;         \
+        char *buf = malloc(per + nchunks * sizeof(a8_chunk) + team * rowsz + 64);                     \
+        if (!buf) return 2;                                                                           \
+        float *ca = (float *)buf, *csum = ca + M * groups;                                            \
+        int32_t *cneg8 = (int32_t *)(csum + M * groups);                                              \
+        int8_t *cq = (int8_t *)(cneg8 + M * groups);                                                  \
+        a8_chunk *chunks = (a8_chunk *)(buf + per);                                                   \
+        char *rows = (char *)(chunks + nchunks);                                                      \
+        int64_t span = (A8_CHUNK_BYTES / Kp) / A8_MAX_MB;                                             \
+        span = span < 1 ? 1 : span;                                                                   \
+        _Pragma("omp parallel num_threads(team)")                                                     \
+        {                                                                                             \
+            char *mine = rows + omp_get_thread_num() * rowsz;                                         \
+            float *rowv = (float *)mine;                                                              \
+            int8_t *rowq = (int8_t *)(rowv + groups * 3);                                             \
+            _Pragma("omp for schedule(static)")                                                       \
+            for (int64_t c = 0; c < nchunks; c++) {                                                   \
+                const int64_t m0 = c * A8_MAX_MB, mb = M - m0 < A8_MAX_MB ? M - m0 : A8_MAX_MB;       \
+                a8_quantize_chunk(x, m0, mb, K, Kp, G, rowq, rowv, cq + m0 * Kp, ca + m0 * groups,    \
+                                  csum + m0 * groups, cneg8 + m0 * groups);                           \
+                chunks[c] = (a8_chunk){cq + m0 * Kp, ca + m0 * groups, csum + m0 * groups, cneg8 + m0 * groups}; \
+            }                                                                                         \
+            for (int64_t c0 = 0; c0 < nchunks; c0 += span) {                                          \
+                const int64_t c1 = c0 + span < nchunks ? c0 + span : nchunks;                         \
+                _Pragma("omp for schedule(static)")                                                   \
+                for (int64_t blk = 0; blk < blocks; blk++) BLOCK_CALL;                                \
+            }                                                                                         \
+        }                                                                                             \
+        free(buf);                                                                                    \
+    } while (0)
+
 /* x (M, K) bf16; w the packed codes (ceil(N / 16) blocks of Kp * 8 bytes); sz
  * (ceil(K / G), N, 2) bf16 scales and zeros; y (M, N) bf16. G a multiple of 8. */
 int int4a8_gemm_bf16(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t *y, int64_t M, int64_t N,
@@ -232,42 +276,78 @@ int int4a8_gemm_bf16(const uint16_t *x, const uint8_t *w, const uint16_t *sz, ui
     const int64_t groups = (K + G - 1) / G, Kp = groups * G;
     const int64_t nchunks = (M + A8_MAX_MB - 1) / A8_MAX_MB;
     const int team = M * N * K >= A8_PARALLEL_MIN ? (nthreads > 0 ? nthreads : 1) : 1;
-    /* the chunks' codes and per-group values, the chunk table, then per thread one row's
-     * codes and values on their way into a chunk */
-    const int64_t rowbytes = Kp + groups * (2 * sizeof(float) + sizeof(int32_t));
-    const int64_t per = (M * rowbytes + 63) / 64 * 64, rowsz = (rowbytes + 63) / 64 * 64;
-    char *buf = malloc(per + nchunks * sizeof(a8_chunk) + team * rowsz + 64);
-    if (!buf) return 2;
-    float *ca = (float *)buf, *csum = ca + M * groups;
-    int32_t *cneg8 = (int32_t *)(csum + M * groups);
-    int8_t *cq = (int8_t *)(cneg8 + M * groups);
-    a8_chunk *chunks = (a8_chunk *)(buf + per);
-    char *rows = (char *)(chunks + nchunks);
     const int64_t blocks = (N + A8_ROWS - 1) / A8_ROWS;
-    /* Rows in spans whose codes stay in L2 while every block of weights passes over them. */
-    int64_t span = (A8_CHUNK_BYTES / Kp) / A8_MAX_MB;
-    span = span < 1 ? 1 : span;
-    /* One team for the activations and the products (no second fork and join, and the
-     * rounding of the activations no longer runs on one thread while the other waits). */
-#pragma omp parallel num_threads(team)
-    {
-        char *mine = rows + omp_get_thread_num() * rowsz;
-        float *rowv = (float *)mine;
-        int8_t *rowq = (int8_t *)(rowv + groups * 3);
-#pragma omp for schedule(static)
-        for (int64_t c = 0; c < nchunks; c++) {
-            const int64_t m0 = c * A8_MAX_MB, mb = M - m0 < A8_MAX_MB ? M - m0 : A8_MAX_MB;
-            a8_quantize_chunk(x, m0, mb, K, Kp, G, rowq, rowv, cq + m0 * Kp, ca + m0 * groups, csum + m0 * groups,
-                              cneg8 + m0 * groups);
-            chunks[c] = (a8_chunk){cq + m0 * Kp, ca + m0 * groups, csum + m0 * groups, cneg8 + m0 * groups};
-        }
-        for (int64_t c0 = 0; c0 < nchunks; c0 += span) {
-            const int64_t c1 = c0 + span < nchunks ? c0 + span : nchunks;
-#pragma omp for schedule(static)
-            for (int64_t blk = 0; blk < blocks; blk++) a8_block(chunks, c0, c1, w, sz, y, M, N, Kp, G, blk);
+    A8_RUN(a8_block(chunks, c0, c1, w, sz, y, M, N, Kp, G, blk));
+    return 0;
+}
+
+/* Int8 weights: per step of 8 columns, two 64-byte loads of 16 rows x 4 codes, one
+ * VPDPBUSD each; per group the integer sums scale by the activations' a, and the weight
+ * scale and bias apply once at the end. */
+#define W8_DOT(MB)                                                                                    \
+    do {                                                                                              \
+        __m512 tot[MB];                                                                               \
+        for (int i = 0; i < MB; i++) tot[i] = _mm512_setzero_ps();                                    \
+        const int32_t *xs = (const int32_t *)ch->xq;                                                  \
+        for (int64_t g = 0; g < groups; g++) {                                                        \
+            __m512i acc[MB];                                                                          \
+            /* sum q xq = sum (q + 128) xq - 128 sum xq, exact in int32 (neg8 holds -8 sum xq) */     \
+            for (int i = 0; i < MB; i++) acc[i] = _mm512_set1_epi32(16 * ch->neg8[g * MB + i]);       \
+            const uint8_t *wg = wb + g * G * A8_ROWS;                                                 \
+            for (int64_t t = 0; t < G / 8; t++, xs += 2 * MB) {                                       \
+                _mm_prefetch((const char *)(wg + 128 * t + Kp * A8_ROWS), _MM_HINT_T0);               \
+                _mm_prefetch((const char *)(wg + 128 * t + 64 + Kp * A8_ROWS), _MM_HINT_T0);          \
+                const __m512i c0 = _mm512_loadu_si512(wg + 128 * t);                                  \
+                const __m512i c1 = _mm512_loadu_si512(wg + 128 * t + 64);                             \
+                for (int i = 0; i < MB; i++) {                                                        \
+                    acc[i] = a8_dpbusd(acc[i], c0, xs + 2 * i);                                       \
+                    acc[i] = a8_dpbusd(acc[i], c1, xs + 2 * i + 1);                                   \
+                }                                                                                     \
+            }                                                                                         \
+            for (int i = 0; i < MB; i++)                                                              \
+                tot[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i]), _mm512_set1_ps(ch->a[g * MB + i]), tot[i]); \
+        }                                                                                             \
+        for (int i = 0; i < MB; i++)                                                                  \
+            _mm256_mask_storeu_epi16(y + (m0 + i) * N + n, (__mmask16)live,                           \
+                                     (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(tot[i], s, b)));      \
+    } while (0)
+
+static void w8_block(const a8_chunk *chunks, int64_t c0, int64_t c1, const uint8_t *w, const uint16_t *scales,
+                     const uint16_t *bias, uint16_t *y, int64_t M, int64_t N, int64_t Kp, int64_t G, int64_t blk) {
+    const int64_t n = blk * A8_ROWS;
+    const int64_t groups = Kp / G;
+    const __mmask16 live = N - n >= A8_ROWS ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
+    const uint8_t *wb = w + blk * Kp * A8_ROWS;
+    const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, scales + n)), 16));
+    const __m512 b = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, bias + n)), 16))
+                          : _mm512_setzero_ps();
+    for (int64_t c = c0; c < c1; c++) {
+        const a8_chunk *ch = &chunks[c];
+        const int64_t m0 = c * A8_MAX_MB;
+        switch (M - m0 < A8_MAX_MB ? M - m0 : A8_MAX_MB) {
+        case 8: W8_DOT(8); break;
+        case 7: W8_DOT(7); break;
+        case 6: W8_DOT(6); break;
+        case 5: W8_DOT(5); break;
+        case 4: W8_DOT(4); break;
+        case 3: W8_DOT(3); break;
+        case 2: W8_DOT(2); break;
+        default: W8_DOT(1); break;
         }
     }
-    free(buf);
+}
+
+/* x (M, K) bf16; w the packed codes q + 128 (ceil(N / 16) blocks of Kp * 16 bytes, Kp = K
+ * rounded up to the activation group G); scales (N,) bf16; bias (N,) bf16 or NULL; y (M,
+ * N) bf16. G a multiple of 8. */
+int int8a8_gemm_bf16(const uint16_t *x, const uint8_t *w, const uint16_t *scales, const uint16_t *bias, uint16_t *y,
+                     int64_t M, int64_t N, int64_t K, int64_t G, int nthreads) {
+    if (G % 8 || M < 1) return M < 1 ? 0 : 1;
+    const int64_t groups = (K + G - 1) / G, Kp = groups * G;
+    const int64_t nchunks = (M + A8_MAX_MB - 1) / A8_MAX_MB;
+    const int team = M * N * K >= A8_PARALLEL_MIN ? (nthreads > 0 ? nthreads : 1) : 1;
+    const int64_t blocks = (N + A8_ROWS - 1) / A8_ROWS;
+    A8_RUN(w8_block(chunks, c0, c1, w, scales, bias, y, M, N, Kp, G, blk));
     return 0;
 }
 
@@ -276,6 +356,12 @@ int int4a8_gemm_bf16(const uint16_t *x, const uint8_t *w, const uint16_t *sz, ui
 int int4a8_gemm_bf16(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t *y, int64_t M, int64_t N,
                      int64_t K, int64_t G, int nthreads) {
     (void)x, (void)w, (void)sz, (void)y, (void)M, (void)N, (void)K, (void)G, (void)nthreads;
+    return 1;
+}
+
+int int8a8_gemm_bf16(const uint16_t *x, const uint8_t *w, const uint16_t *scales, const uint16_t *bias, uint16_t *y,
+                     int64_t M, int64_t N, int64_t K, int64_t G, int nthreads) {
+    (void)x, (void)w, (void)scales, (void)bias, (void)y, (void)M, (void)N, (void)K, (void)G, (void)nthreads;
     return 1;
 }
 
