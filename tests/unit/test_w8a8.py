@@ -52,6 +52,15 @@ def test_reference_is_the_codes_times_the_rounded_activations():
     )
 
 
+def _assert_within_rounding(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """Exact integer sums on both sides; they part only in the float32 epilogue's order and
+    the final rounding to bf16: half a bf16 step of each value, and a little for values
+    near zero that float32 sums of larger terms give."""
+    got, ref = got.float(), ref.float()
+    bound = 2**-8 * ref.abs() + 2**-12 * ref.abs().max()
+    assert ((got - ref).abs() <= bound).all(), ((got - ref).abs() - bound).max()
+
+
 @needs_kernel
 @pytest.mark.parametrize("N,K", [(64, 128), (49, 130), (576, 1536), (1536, 576), (16, 31)])
 @pytest.mark.parametrize("M", [1, 5, 9, 40])
@@ -59,11 +68,16 @@ def test_kernel_equals_the_float32_reference(N, K, M):
     layer = _layer(N, K)
     assert layer.kernel == "tokenmill.int8a8_mm" and layer.fallback is None
     x = _x(M, K)
-    got, ref = layer(x), layer(x, use_kernel=False)
-    # Exact integer sums on both sides; they part only in the float32 epilogue's order and
-    # the final rounding to bf16.
-    step = 2**-7 * ref.float().abs().max().item()
-    torch.testing.assert_close(got.float(), ref.float(), atol=2 * step, rtol=0)
+    _assert_within_rounding(layer(x), layer(x, use_kernel=False))
+
+
+@needs_kernel
+def test_rows_in_several_spans_equal_the_reference():
+    """80 rows of 4,096 inputs: more activation codes than one span keeps in L2, so the
+    blocks pass over the rows twice."""
+    layer = _layer(48, 4096)
+    x = _x(80, 4096)
+    _assert_within_rounding(layer(x), layer(x, use_kernel=False))
 
 
 @needs_kernel
@@ -95,6 +109,20 @@ def test_float32_activations_fall_back_to_the_reference_and_say_why():
     layer = _layer(32, 64, dtype=torch.float32)
     assert layer.kernel is None and not layer.own_kernel
     assert layer.fallback == "torch.float32 activations (the w8a8 kernel takes bfloat16)"
+    x = _x(3, 64).float()
+    torch.testing.assert_close(layer(x), layer.reference_a8(x))
+    # cast to bf16 afterwards: still the reference path, and still said
+    layer.to(torch.bfloat16)
+    assert layer.fallback.startswith("quantized where the w8a8 kernel could not run")
+    torch.testing.assert_close(layer(x.bfloat16()), layer.reference_a8(x.bfloat16()))
+
+
+@needs_kernel
+def test_a_packed_layer_cast_to_float32_says_it_no_longer_runs_the_kernel():
+    layer = _layer(32, 64)
+    assert layer.fallback is None
+    layer.to(torch.float32)
+    assert layer.fallback == "packed for the CPU w8a8 kernel, which takes bfloat16, not torch.float32"
     x = _x(3, 64).float()
     torch.testing.assert_close(layer(x), layer.reference_a8(x))
 

@@ -773,7 +773,8 @@ def test_gguf_mode_of_a_float_file_changes_nothing(llama_gguf):
     "qtype,fmt",
     [("F32", "float"), ("F16", "float"), ("BF16", "float"), ("Q4_0", "int4"), ("Q4_1", "int4"),
      ("Q4_K", "int4"), ("Q2_K", "int4"), ("Q3_K", "int4"), ("IQ4_XS", "int4"), ("TQ2_0", "int4"),
-     ("Q5_0", "int8"), ("Q5_1", "int8"), ("Q5_K", "int8"), ("Q6_K", "int8"), ("Q8_0", "int8")],
+     ("MXFP4", "int4"), ("Q5_0", "int8"), ("Q5_1", "int8"), ("Q5_K", "int8"), ("Q6_K", "int8"),
+     ("Q8_0", "int8"), ("Q8_1", "int8")],
 )  # fmt: skip
 def test_weight_format_of_each_type(qtype, fmt):
     from tokenmill.weights.gguf_file import weight_format
@@ -790,7 +791,17 @@ def test_gguf_mode_needs_a_gguf_file(tmp_path):
     ):
         load_model(model_dir, dtype="float32", device="cpu", quantization="gguf")
     model = tiny.native_from_hf(tiny.hf_model("llama"), torch.float32)
-    with pytest.raises(ValueError, match=r"no file says it for lm_head, .*load the model from a \.gguf file"):
+    with pytest.raises(
+        ValueError, match=r"which needs layer_modes: load the model from a \.gguf file, or pick"
+    ):
         quantize_model(model, "gguf")
+    with pytest.raises(
+        ValueError, match=r"'gguf' needs a mode for every linear layer; layer_modes has none for "
+    ):
+        quantize_model(model, "gguf", layer_modes={"lm_head": "int8"})
+    with pytest.raises(
+        ValueError, match=r"layer_modes names lm_hed, which is not a linear layer of this model"
+    ):
+        quantize_model(model, "int8", layer_modes={"lm_hed": "none"})
     with pytest.raises(ValueError, match="layer_modes must be among int8, int4, w4a8, w8a8, none, got int2"):
         quantize_model(model, "int8", layer_modes={"lm_head": "int2"})

@@ -386,6 +386,8 @@ def bf16_gemv_fits(rows: int, in_features: int) -> bool:
 
 #: Output rows per block of the int4 layout (I4_ROWS in kernels/int4_gemv.c).
 INT4_BLOCK_ROWS = 16
+#: inputs per activation scale of the w8a8 kernel (llama.cpp's Q8_0 blocks hold 32 too)
+W8A8_GROUP = 32
 
 
 def _probe(run) -> bool:
@@ -395,7 +397,7 @@ def _probe(run) -> bool:
         return False
     try:
         return run(lib)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RuntimeError):  # RuntimeError: the kernel said it cannot run here
         return False
 
 
@@ -601,23 +603,80 @@ def int8_unpack(packed: torch.Tensor, out_features: int, in_features: int) -> to
     return c[:out_features, :in_features]
 
 
-@functools.cache
-def int8_available() -> bool:
-    """Whether this machine runs the int8 kernel (a C compiler and AVX512-BF16): codes of
-    -3 with a scale of 0.5 and a bias of 1 over 41 ones give -60.5 per output."""
+def _probe_int8(act8: bool) -> bool:
+    """Codes of -3 with a scale of 0.5 and a bias of 1 over 41 ones give -60.5 per output
+    (with int8 activations too: ones round exactly)."""
 
     def run(lib: ctypes.CDLL) -> bool:
-        packed = int8_pack(torch.full((3, 41), -3, dtype=torch.int8))
+        q = torch.full((3, 41), -3, dtype=torch.int8)
+        packed = int8a8_pack(q) if act8 else int8_pack(q)
         scales = torch.full((3,), 0.5, dtype=torch.bfloat16)
         bias = torch.ones(3, dtype=torch.bfloat16)
         x = torch.ones(1, 41, dtype=torch.bfloat16)
-        y = torch.empty(1, 3, dtype=torch.bfloat16)
-        rc = lib.int8_gemm_bf16(
-            x.data_ptr(), packed.data_ptr(), scales.data_ptr(), bias.data_ptr(), y.data_ptr(), 1, 3, 41, 1
-        )
-        return rc == 0 and bool((y == -60.5).all())
+        return bool((_int8_kernel_mm(act8, x, packed, scales, bias, 3, 41) == -60.5).all())
 
     return _probe(run)
+
+
+@functools.cache
+def int8_available() -> bool:
+    """Whether this machine runs the int8 kernel (a C compiler and AVX512-BF16)."""
+    return _probe_int8(False)
+
+
+def _int8_kernel_mm(
+    act8: bool,
+    x2: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+    in_features: int,
+) -> torch.Tensor:
+    """Run int8_gemm_bf16, or int8a8_gemm_bf16 with ``act8``, after checking everything it
+    reads. Returns (M, N) bf16."""
+    public = "int8a8_mm" if act8 else "int8_mm"
+    lib = _library()
+    M, K = x2.shape
+    N, R = out_features, INT4_BLOCK_ROWS
+    # the packed codes: K padded to the activation group (w8a8) or to even (int8)
+    Kp = -(-K // W8A8_GROUP) * W8A8_GROUP if act8 else K + K % 2
+    if lib is None:
+        raise RuntimeError(
+            f"{public}: the CPU kernels are not available (no C compiler, or they failed to build)"
+        )
+    if not (
+        K == in_features >= 1
+        and all(t.device.type == "cpu" for t in (x2, packed, scales, *(() if bias is None else (bias,))))
+        and x2.dtype == scales.dtype == torch.bfloat16
+        and packed.dtype == (torch.uint8 if act8 else torch.int8)
+        and packed.numel() == -(-N // R) * R * Kp
+        and scales.shape == (N,)
+        and (bias is None or (bias.shape == (N,) and bias.dtype == torch.bfloat16 and bias.is_contiguous()))
+        and x2.is_contiguous()
+        and packed.is_contiguous()
+        and scales.is_contiguous()
+    ):
+        raise ValueError(
+            f"{public}: x {tuple(x2.shape)} {x2.dtype} on {x2.device.type}, {packed.numel()} packed bytes, "
+            f"scales {tuple(scales.shape)} {scales.dtype} and bias "
+            f"{None if bias is None else (tuple(bias.shape), bias.dtype)} do not fit an ({N}, {in_features}) "
+            "weight (contiguous bfloat16 activations, scales and bias, all on the CPU)"
+        )
+    y = torch.empty(M, N, dtype=torch.bfloat16)
+    if M == 0:
+        return y
+    ptrs = (x2.data_ptr(), packed.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr())
+    if act8:
+        rc = lib.int8a8_gemm_bf16(*ptrs, y.data_ptr(), M, N, K, W8A8_GROUP, torch.get_num_threads())
+    else:
+        rc = lib.int8_gemm_bf16(*ptrs, y.data_ptr(), M, N, K, torch.get_num_threads())
+    if rc:
+        needs = "AVX512-VNNI and AVX512-BF16" if act8 else "AVX512-BF16"
+        raise RuntimeError(
+            f"{public}: the kernel failed (code {rc}: {'no scratch memory' if rc == 2 else 'no ' + needs})"
+        )
+    return y
 
 
 def int8_mm(
@@ -630,49 +689,10 @@ def int8_mm(
 ) -> torch.Tensor:
     """x2 (M, K) bf16 times the (N, K) int8 weight of ``int8_pack``'s layout, scaled per
     output and plus ``bias``, in float32 with one rounding to bf16. Returns (M, N) bf16."""
-    lib = _library()
-    M, K = x2.shape
-    N, R = out_features, INT4_BLOCK_ROWS
-    if lib is None:
-        raise RuntimeError(
-            "int8_mm: the CPU kernels are not available (no C compiler, or they failed to build)"
-        )
-    if not (
-        K == in_features >= 1
-        and all(t.device.type == "cpu" for t in (x2, packed, scales, *(() if bias is None else (bias,))))
-        and x2.dtype == scales.dtype == torch.bfloat16
-        and packed.dtype == torch.int8
-        and packed.numel() == -(-N // R) * R * (K + K % 2)
-        and scales.shape == (N,)
-        and (bias is None or (bias.shape == (N,) and bias.dtype == torch.bfloat16 and bias.is_contiguous()))
-        and x2.is_contiguous()
-        and packed.is_contiguous()
-        and scales.is_contiguous()
-    ):
-        raise ValueError(
-            f"int8_mm: x {tuple(x2.shape)} {x2.dtype} on {x2.device.type}, {packed.numel()} packed bytes, "
-            f"scales {tuple(scales.shape)} {scales.dtype} and bias "
-            f"{None if bias is None else (tuple(bias.shape), bias.dtype)} do not fit an ({N}, {in_features}) "
-            "weight (contiguous bfloat16 activations, scales and bias, all on the CPU)"
-        )
-    y = torch.empty(M, N, dtype=torch.bfloat16)
-    if M == 0:
-        return y
-    rc = lib.int8_gemm_bf16(
-        x2.data_ptr(), packed.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr(),
-        y.data_ptr(), M, N, K, torch.get_num_threads(),
-    )  # fmt: skip
-    if rc:
-        raise RuntimeError(
-            f"int8_mm: the kernel failed (code {rc}: {'no scratch memory' if rc == 2 else 'no AVX512-BF16'})"
-        )
-    return y
+    return _int8_kernel_mm(False, x2, packed, scales, bias, out_features, in_features)
 
 
 # -- int8 weights times int8 activations (w8a8, kernels/int4a8_gemm.c) ----------------------
-
-#: inputs per activation scale of the w8a8 kernel (llama.cpp's Q8_0 blocks hold 32 too)
-W8A8_GROUP = 32
 
 
 def int8a8_pack(q: torch.Tensor) -> torch.Tensor:
@@ -697,22 +717,8 @@ def int8a8_unpack(packed: torch.Tensor, out_features: int, in_features: int) -> 
 
 @functools.cache
 def int8a8_available() -> bool:
-    """Whether this machine runs the w8a8 kernel (a C compiler, AVX512-VNNI and AVX512-BF16):
-    codes of -3 with a scale of 0.5 and a bias of 1 over 41 ones give -60.5 per output."""
-
-    def run(lib: ctypes.CDLL) -> bool:
-        packed = int8a8_pack(torch.full((3, 41), -3, dtype=torch.int8))
-        scales = torch.full((3,), 0.5, dtype=torch.bfloat16)
-        bias = torch.ones(3, dtype=torch.bfloat16)
-        x = torch.ones(1, 41, dtype=torch.bfloat16)
-        y = torch.empty(1, 3, dtype=torch.bfloat16)
-        rc = lib.int8a8_gemm_bf16(
-            x.data_ptr(), packed.data_ptr(), scales.data_ptr(), bias.data_ptr(), y.data_ptr(), 1, 3, 41,
-            W8A8_GROUP, 1,
-        )  # fmt: skip
-        return rc == 0 and bool((y == -60.5).all())
-
-    return _probe(run)
+    """Whether this machine runs the w8a8 kernel (a C compiler, AVX512-VNNI and AVX512-BF16)."""
+    return _probe_int8(True)
 
 
 def int8a8_mm(
@@ -726,42 +732,4 @@ def int8a8_mm(
     """x2 (M, K) bf16, rounded to int8 per row and group of W8A8_GROUP inputs, times the (N,
     K) int8 weight of ``int8a8_pack``'s layout, scaled per output and plus ``bias``, with
     one rounding to bf16. Returns (M, N) bf16."""
-    lib = _library()
-    M, K = x2.shape
-    N, R = out_features, INT4_BLOCK_ROWS
-    Kp = -(-in_features // W8A8_GROUP) * W8A8_GROUP
-    if lib is None:
-        raise RuntimeError(
-            "int8a8_mm: the CPU kernels are not available (no C compiler, or they failed to build)"
-        )
-    if not (
-        K == in_features >= 1
-        and all(t.device.type == "cpu" for t in (x2, packed, scales, *(() if bias is None else (bias,))))
-        and x2.dtype == scales.dtype == torch.bfloat16
-        and packed.dtype == torch.uint8
-        and packed.numel() == -(-N // R) * R * Kp
-        and scales.shape == (N,)
-        and (bias is None or (bias.shape == (N,) and bias.dtype == torch.bfloat16 and bias.is_contiguous()))
-        and x2.is_contiguous()
-        and packed.is_contiguous()
-        and scales.is_contiguous()
-    ):
-        raise ValueError(
-            f"int8a8_mm: x {tuple(x2.shape)} {x2.dtype} on {x2.device.type}, {packed.numel()} packed bytes, "
-            f"scales {tuple(scales.shape)} {scales.dtype} and bias "
-            f"{None if bias is None else (tuple(bias.shape), bias.dtype)} do not fit an ({N}, {in_features}) "
-            "weight (contiguous bfloat16 activations, scales and bias, all on the CPU)"
-        )
-    y = torch.empty(M, N, dtype=torch.bfloat16)
-    if M == 0:
-        return y
-    rc = lib.int8a8_gemm_bf16(
-        x2.data_ptr(), packed.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr(),
-        y.data_ptr(), M, N, K, W8A8_GROUP, torch.get_num_threads(),
-    )  # fmt: skip
-    if rc:
-        raise RuntimeError(
-            f"int8a8_mm: the kernel failed (code {rc}: "
-            f"{'no scratch memory' if rc == 2 else 'no AVX512-VNNI and AVX512-BF16'})"
-        )
-    return y
+    return _int8_kernel_mm(True, x2, packed, scales, bias, out_features, in_features)

@@ -189,12 +189,19 @@ class Int8Linear(nn.Module):
     @property
     def fallback(self) -> str | None:
         """Why this layer never runs the kernel, or None."""
+        mode = "w8a8" if self.act8 else "int8"
         if self.own_kernel:
-            if not self.qweight.is_cpu:  # moved after it was built: codes() unpacks on each call
-                return f"packed for the CPU int8 kernel, running on {self.qweight.device.type}"
+            # moved or cast after it was built: codes() unpacks on each call
+            if not self.qweight.is_cpu:
+                return f"packed for the CPU {mode} kernel, running on {self.qweight.device.type}"
+            if self.scales.dtype != torch.bfloat16:
+                return f"packed for the CPU {mode} kernel, which takes bfloat16, not {self.scales.dtype}"
             return None
         if self.act8:
-            return _a8_fallback(self.scales.dtype, self.qweight.device, "w8a8")
+            return _a8_fallback(self.scales.dtype, self.qweight.device, "w8a8") or (
+                "quantized where the w8a8 kernel could not run (another device or dtype), "
+                "so its codes are not in the kernel's layout"
+            )
         if self.kernel is None:
             return f"this PyTorch build has no int8 kernel for {self.qweight.device.type}"
         if self.scales.dtype == torch.bfloat16 and self.in_features % 16 and self.qweight.is_cpu:
@@ -633,12 +640,23 @@ def quantize_model(
     # Names only: holding the modules themselves would keep every old weight alive.
     names = [name for name, m in model.named_modules() if _linear_weight(m) is not None]
     modes = {name: (layer_modes or {}).get(name, mode) for name in names}
-    if mode == "gguf" and (layer_modes is None or set(names) - set(layer_modes)):
-        missing = ", ".join(sorted(set(names) - set(layer_modes or {}))[:5])
+    unknown = sorted(set(layer_modes or {}) - set(names))
+    if unknown:
+        raise ValueError(
+            f"layer_modes names {', '.join(unknown[:5])}, which {'is' if len(unknown) == 1 else 'are'} "
+            f"not a linear layer of this model (its linear layers: {', '.join(names[:5])}"
+            f"{', ...' if len(names) > 5 else ''})"
+        )
+    if mode == "gguf" and layer_modes is None:
         raise ValueError(
             "quantization 'gguf' keeps each layer at the precision its GGUF file stores it in, "
-            f"and no file says it for {missing}: load the model from a .gguf file, "
-            "or pick int8, int4, w4a8 or w8a8"
+            "which needs layer_modes: load the model from a .gguf file, or pick int8, int4, w4a8 or w8a8"
+        )
+    missing = sorted(set(names) - set(layer_modes or {}))
+    if mode == "gguf" and missing:
+        raise ValueError(
+            f"quantization 'gguf' needs a mode for every linear layer; layer_modes has none for "
+            f"{', '.join(missing[:5])}"
         )
     bad = sorted({m for m in modes.values() if m not in LAYER_MODES})
     if bad:

@@ -218,13 +218,15 @@ FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 
 def weight_format(qtype: str) -> str:
     """The least precise tokenmill weight format that keeps what a GGML type holds: "float"
-    (F32, F16, BF16), "int4" (4 bits a weight or fewer: Q2_K-Q4_K, the IQ and TQ types)
-    or "int8" (Q5_*, Q6_K, Q8_*: 5 to 8 bits, which 4-bit codes would round again)."""
+    (F32, F16, BF16), "int4" for types of at most 5 bits a weight, scales included (Q4_0
+    4.5, Q4_1 5.0, Q4_K 4.5, Q2_K, Q3_K, the IQ, TQ and FP4 types), "int8" for the rest
+    (Q5_0 5.5, Q5_K 5.5, Q6_K 6.6, Q8_0 8.5 bits), which 4-bit codes would round again."""
+    import gguf
+
     if qtype in FLOAT_TYPES:
         return "float"
-    if qtype.startswith(("Q2", "Q3", "Q4", "IQ", "TQ")):
-        return "int4"
-    return "int8"
+    block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    return "int4" if type_size * 8 <= 5 * block else "int8"
 
 
 def int4_from_blocks(blocks: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

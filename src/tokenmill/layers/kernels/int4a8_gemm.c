@@ -19,9 +19,9 @@
  *
  * int8a8_gemm_bf16 does the same for int8 weights with one scale per output (the "w8a8"
  * layers), y[m, n] = s[n] * sum_g a[m, g] * sum_{k in g} q[n, k] xq[m, k] + b[n], the codes
- * stored as u = q + 128 so that VPDPBUSD can take them: [Kp / 8][16 rows][8] bytes per
- * block, the first 64 bytes of a step holding columns k..k+3 of each row, the next 64
- * columns k+4..k+7. The - 128 sum xq that the offset adds seeds the integer sums.
+ * stored as u = q + 128 so that VPDPBUSD can take them: [Kp / 4][16 rows][4] bytes per
+ * block, so that of each 8-column step the first 64 bytes hold columns k..k+3 of every
+ * row and the next 64 columns k+4..k+7. The - 128 sum xq that the offset adds seeds the integer sums.
  *
  * Returns 1 without AVX512-VNNI and AVX512-BF16 (the caller keeps its reference path), 2
  * when the scratch could not be allocated.
@@ -187,6 +187,23 @@ typedef struct {
                                      (__m256i)_mm512_cvtneps_pbh(tot[i]));                            \
     } while (0)
 
+/* DOT(MB) over the chunks [c0, c1), MB each chunk's rows (A8_MAX_MB but in the last). */
+#define A8_EACH_CHUNK(DOT)                                                                            \
+    for (int64_t c = c0; c < c1; c++) {                                                               \
+        const a8_chunk *ch = &chunks[c];                                                              \
+        const int64_t m0 = c * A8_MAX_MB;                                                             \
+        switch (M - m0 < A8_MAX_MB ? M - m0 : A8_MAX_MB) {                                            \
+        case 8: DOT(8); break;                                                                        \
+        case 7: DOT(7); break;                                                                        \
+        case 6: DOT(6); break;                                                                        \
+        case 5: DOT(5); break;                                                                        \
+        case 4: DOT(4); break;                                                                        \
+        case 3: DOT(3); break;                                                                        \
+        case 2: DOT(2); break;                                                                        \
+        default: DOT(1); break;                                                                       \
+        }                                                                                             \
+    }
+
 /* One block of 16 outputs for the rows of chunks [c0, c1) (chunk c holds rows 8c..). */
 static void a8_block(const a8_chunk *chunks, int64_t c0, int64_t c1, const uint8_t *w, const uint16_t *szp,
                      uint16_t *y, int64_t M, int64_t N, int64_t Kp, int64_t G, int64_t blk) {
@@ -195,20 +212,7 @@ static void a8_block(const a8_chunk *chunks, int64_t c0, int64_t c1, const uint8
     const __mmask16 live = N - n >= A8_ROWS ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
     const uint8_t *wb = w + blk * Kp * (A8_ROWS / 2);
     const __m512i nib = _mm512_set1_epi8(0x0f);
-    for (int64_t c = c0; c < c1; c++) {
-        const a8_chunk *ch = &chunks[c];
-        const int64_t m0 = c * A8_MAX_MB;
-        switch (M - m0 < A8_MAX_MB ? M - m0 : A8_MAX_MB) {
-        case 8: A8_DOT(8); break;
-        case 7: A8_DOT(7); break;
-        case 6: A8_DOT(6); break;
-        case 5: A8_DOT(5); break;
-        case 4: A8_DOT(4); break;
-        case 3: A8_DOT(3); break;
-        case 2: A8_DOT(2); break;
-        default: A8_DOT(1); break;
-        }
-    }
+    A8_EACH_CHUNK(A8_DOT);
 }
 
 /* Rows [m0, m0 + mb) of x quantized into chunk form: each row's codes and per-group
@@ -321,20 +325,7 @@ static void w8_block(const a8_chunk *chunks, int64_t c0, int64_t c1, const uint8
     const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, scales + n)), 16));
     const __m512 b = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, bias + n)), 16))
                           : _mm512_setzero_ps();
-    for (int64_t c = c0; c < c1; c++) {
-        const a8_chunk *ch = &chunks[c];
-        const int64_t m0 = c * A8_MAX_MB;
-        switch (M - m0 < A8_MAX_MB ? M - m0 : A8_MAX_MB) {
-        case 8: W8_DOT(8); break;
-        case 7: W8_DOT(7); break;
-        case 6: W8_DOT(6); break;
-        case 5: W8_DOT(5); break;
-        case 4: W8_DOT(4); break;
-        case 3: W8_DOT(3); break;
-        case 2: W8_DOT(2); break;
-        default: W8_DOT(1); break;
-        }
-    }
+    A8_EACH_CHUNK(W8_DOT);
 }
 
 /* x (M, K) bf16; w the packed codes q + 128 (ceil(N / 16) blocks of Kp * 16 bytes, Kp = K
