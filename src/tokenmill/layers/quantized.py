@@ -137,14 +137,12 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = qweight.shape
         self.act8 = act8
-        on_cpu_bf16 = qweight.device.type == "cpu" and scales.dtype == torch.bfloat16
         if act8:
-            self.own_kernel = on_cpu_bf16 and cpu_kernels.int8a8_available()
-            packed = cpu_kernels.int8a8_pack(qweight) if self.own_kernel else qweight
+            available, pack = cpu_kernels.int8a8_available, cpu_kernels.int8a8_pack
         else:
-            self.own_kernel = on_cpu_bf16 and cpu_kernels.int8_available()
-            packed = cpu_kernels.int8_pack(qweight) if self.own_kernel else qweight
-        self.register_buffer("qweight", packed)
+            available, pack = cpu_kernels.int8_available, cpu_kernels.int8_pack
+        self.own_kernel = qweight.device.type == "cpu" and scales.dtype == torch.bfloat16 and available()
+        self.register_buffer("qweight", pack(qweight) if self.own_kernel else qweight)
         self.register_buffer("scales", scales)
         self.register_buffer("bias", bias)
         if self.own_kernel:
@@ -220,9 +218,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor, use_kernel: bool = True) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = _rows(x, self.in_features)  # (M, K)
+        own = self.own_kernel and x2.dtype == torch.bfloat16 and x2.is_cpu and self.qweight.is_cpu
         if self.act8:
-            kernel = use_kernel and self.own_kernel and x2.dtype == torch.bfloat16 and x2.is_cpu
-            if kernel and self.qweight.is_cpu:
+            if use_kernel and own:
                 out = cpu_kernels.int8a8_mm(
                     x2.contiguous(), self.qweight, self.scales, self.bias, self.out_features, self.in_features
                 )
@@ -230,7 +228,7 @@ class Int8Linear(nn.Module):
                 out = self.reference_a8(x2)
         elif not use_kernel:
             out = F.linear(x2, self.dequantized_weight().to(x.dtype), self.bias)
-        elif self.own_kernel and x2.dtype == torch.bfloat16 and x2.is_cpu and self.qweight.is_cpu:
+        elif own:
             out = cpu_kernels.int8_mm(
                 x2.contiguous(), self.qweight, self.scales, self.bias, self.out_features, self.in_features
             )
@@ -647,17 +645,18 @@ def quantize_model(
             f"not a linear layer of this model (its linear layers: {', '.join(names[:5])}"
             f"{', ...' if len(names) > 5 else ''})"
         )
-    if mode == "gguf" and layer_modes is None:
-        raise ValueError(
-            "quantization 'gguf' keeps each layer at the precision its GGUF file stores it in, "
-            "which needs layer_modes: load the model from a .gguf file, or pick int8, int4, w4a8 or w8a8"
-        )
-    missing = sorted(set(names) - set(layer_modes or {}))
-    if mode == "gguf" and missing:
-        raise ValueError(
-            f"quantization 'gguf' needs a mode for every linear layer; layer_modes has none for "
-            f"{', '.join(missing[:5])}"
-        )
+    if mode == "gguf":
+        if layer_modes is None:
+            raise ValueError(
+                "quantization 'gguf' keeps each layer at the precision its GGUF file stores it in, "
+                "which needs layer_modes: load the model from a .gguf file, or pick int8, int4, w4a8 or w8a8"
+            )
+        missing = [name for name in names if name not in layer_modes]
+        if missing:
+            raise ValueError(
+                f"quantization 'gguf' needs a mode for every linear layer; layer_modes has none for "
+                f"{', '.join(missing[:5])}"
+            )
     bad = sorted({m for m in modes.values() if m not in LAYER_MODES})
     if bad:
         raise ValueError(f"layer_modes must be among {', '.join(LAYER_MODES)}, got {', '.join(bad)}")
@@ -680,14 +679,13 @@ def quantize_model(
         dev = torch.device(device) if device is not None else weight.device
         dt = dtype or weight.dtype
         bias = child.bias
+        act8 = modes[name] in ("w4a8", "w8a8")
         with torch.no_grad():
             if modes[name] in ("int8", "w8a8"):
-                act8 = modes[name] == "w8a8"
                 q: Int8Linear | Int4Linear = Int8Linear.from_float(
                     weight, bias, dtype=dt, device=dev, act8=act8
                 )
             else:
-                act8 = modes[name] == "w4a8"
                 q = _int4_layer(name, weight, bias, group_size, dt, dev, sources, report, act8)
         for attr in ("shard_sizes",):
             if hasattr(child, attr):
